@@ -1,0 +1,119 @@
+"""Tenant and operator routes: minting callback URLs, reading tasks, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from receiver.auth import authenticate
+from receiver.callbacks import read_body
+from receiver.constants import JOB_ID_RE
+from receiver.dialects import DIALECTS
+from receiver.errors import BadRequest, NotFound, StoreUnavailable
+from receiver.models import TaskStatus, new_job_id
+from receiver.services import services
+from receiver.tokens import CallbackClaims
+
+MAX_PAGE = 200
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else orjson.dumps(content)
+
+
+class TaskNotFound(NotFound):
+    code = "task_not_found"
+
+
+async def create_callback_url(request: Request) -> Response:
+    """Mint a signed callback URL for a task the tenant submits elsewhere, and record the
+    task (NOT_START) so its callbacks, and readers, find it."""
+    tenant = authenticate(request)
+    svc = services(request)
+    body = await _json_object(request, svc.settings.max_body_bytes)
+    provider = body.get("provider")
+    if provider not in DIALECTS:
+        raise BadRequest(f"'provider' must be one of {sorted(DIALECTS)}")
+    fields: dict[str, Any] = {}
+    for name in ("action", "mode", "prompt", "parent_id", "provider_task_id"):
+        value = body.get(name)
+        if value is not None:
+            if not isinstance(value, str) or len(value) > 8192:
+                raise BadRequest(f"{name!r} must be a string")
+            fields[name] = value.upper() if name in ("action", "mode") else value
+    claims = CallbackClaims(new_job_id(), tenant, provider)
+    outcome = await svc.store.create(claims, **fields)
+    token = svc.signer.mint_callback(claims)
+    base = (svc.settings.public_base_url or str(request.base_url)).rstrip("/")
+    assert outcome.data is not None  # a fresh job id cannot exist already
+    return JSONResponse(
+        b'{"job_id":"%s","callback_url":%s,"task":%s}' % (
+            claims.job_id.encode(),
+            orjson.dumps(f"{base}/callbacks/{provider}?token={token}"),
+            outcome.data,
+        ),
+        status_code=201,
+    )
+
+
+async def get_task(request: Request) -> Response:
+    tenant = authenticate(request)
+    job_id = request.path_params["job_id"]
+    task = await services(request).store.get(tenant, job_id) if JOB_ID_RE.match(job_id) else None
+    if task is None:
+        raise TaskNotFound(f"no task {job_id[:40]!r} for this tenant")
+    return JSONResponse(task)
+
+
+async def list_tasks(request: Request) -> Response:
+    tenant = authenticate(request)
+    params = request.query_params
+    status = None
+    if params.get("status"):
+        try:
+            status = TaskStatus(params["status"].upper())
+        except ValueError:
+            raise BadRequest(f"'status' must be one of {[s.value for s in TaskStatus]}") from None
+    try:
+        limit = int(params.get("limit", "50"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE:
+        raise BadRequest(f"'limit' must be an integer from 1 to {MAX_PAGE}")
+    cursor = params.get("cursor") or None
+    if cursor is not None and not JOB_ID_RE.match(cursor):
+        raise BadRequest("'cursor' is not one this service gave out")
+    tasks, next_cursor = await services(request).store.list(tenant, status, limit, cursor)
+    return JSONResponse(
+        b'{"tasks":[%s],"next_cursor":%s}' % (b",".join(tasks), orjson.dumps(next_cursor))
+    )
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when Redis answers: without it nothing can be acknowledged."""
+    try:
+        await services(request).store.ping()
+    except Exception as exc:
+        raise StoreUnavailable(f"Redis does not answer: {type(exc).__name__}") from exc
+    return JSONResponse({"status": "ready"})
+
+
+async def _json_object(request: Request, limit: int) -> dict[str, Any]:
+    raw = await read_body(request, limit)
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body

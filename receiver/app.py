@@ -1,0 +1,104 @@
+"""The Starlette application: routes, lifespan, and the one place errors become responses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from receiver import api
+from receiver.api import JSONResponse
+from receiver.callbacks import receive_callback
+from receiver.errors import ReceiverError, StoreUnavailable
+from receiver.logs import install_redaction
+from receiver.openapi import openapi_json
+from receiver.services import Services
+from receiver.settings import Settings
+
+log = logging.getLogger("receiver")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        install_redaction()
+        if settings.open_mode:
+            log.warning(
+                "no RECEIVER_API_KEYS: tenant routes serve loopback clients only, as tenant "
+                "'default'"
+            )
+        if not settings.secret_keys:
+            log.warning(
+                "no RECEIVER_SECRET_KEYS: callback tokens are signed with a key that dies "
+                "with this process"
+            )
+        app.state.services = svc = Services.build(settings)
+        try:
+            yield
+        finally:
+            await svc.close()
+
+    return Starlette(
+        routes=[
+            Route("/callbacks/{provider}", receive_callback, methods=["POST"]),
+            Route("/callback-urls", api.create_callback_url, methods=["POST"]),
+            Route("/tasks", api.list_tasks, methods=["GET"]),
+            Route("/tasks/{job_id}", api.get_task, methods=["GET"]),
+            Route("/healthz", api.healthz, methods=["GET"]),
+            Route("/readyz", api.readyz, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
+        ],
+        exception_handlers={
+            ReceiverError: _domain_error,
+            RedisError: _redis_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+def error_response(exc: ReceiverError) -> Response:
+    return JSONResponse(
+        {"error": exc.code, "detail": exc.detail},
+        status_code=exc.status_code,
+        headers=exc.headers(),
+    )
+
+
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ReceiverError)
+    return error_response(exc)
+
+
+async def _redis_error(request: Request, exc: Exception) -> Response:
+    log.warning("redis error on %s %s: %r", request.method, request.url.path, exc)
+    return error_response(StoreUnavailable("Redis could not store or read this; retry"))
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"error": _HTTP_CODES.get(exc.status_code, "http_error"), "detail": exc.detail},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse(
+        {"error": "internal_error", "detail": "an unexpected error; it has been logged"},
+        status_code=500,
+    )

@@ -1,0 +1,46 @@
+"""Tenant authentication: ``Authorization: Bearer <api key>``, or loopback in open mode."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.requests import Request
+
+from receiver.errors import Forbidden, Unauthorized
+from receiver.services import services
+from receiver.settings import DEFAULT_TENANT, is_loopback
+
+
+class MissingApiKey(Unauthorized):
+    code = "missing_api_key"
+
+
+class InvalidApiKey(Unauthorized):
+    code = "invalid_api_key"
+
+
+class LoopbackOnly(Forbidden):
+    code = "loopback_only"
+
+
+def authenticate(request: Request) -> str:
+    """The tenant the request acts for."""
+    settings = services(request).settings
+    if settings.open_mode:
+        client = request.client
+        if client is None or not is_loopback(client.host):
+            raise LoopbackOnly(
+                "no RECEIVER_API_KEYS are set, so tenant routes answer loopback clients only"
+            )
+        return DEFAULT_TENANT
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise MissingApiKey("send your API key as 'Authorization: Bearer <key>'")
+    tenant = None
+    for known, owner in settings.api_keys.items():  # every key compared, in constant time
+        if hmac.compare_digest(known.encode(), key.encode()):
+            tenant = owner
+    if tenant is None:
+        raise InvalidApiKey("the API key is not valid")
+    return tenant

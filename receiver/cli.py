@@ -1,0 +1,79 @@
+"""``receiver``: the command line. ``receiver serve`` runs the web service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from receiver.redis_server import RedisServer, RedisServerError
+from receiver.settings import Settings, SettingsError, is_loopback
+
+DATA_DIR = Path(os.environ.get("RECEIVER_DATA_DIR", ".receiver"))
+log = logging.getLogger("receiver")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="receiver", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the web service")
+    serve_cmd.add_argument("--host", help="address to bind (HOST)")
+    serve_cmd.add_argument("--port", type=int, help="port to bind (PORT)")
+    serve_cmd.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve_cmd.add_argument("--no-access-log", action="store_true", help="no request lines")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(args)
+    except (SettingsError, RedisServerError) as exc:
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = Settings.from_env()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    if settings.open_mode and not is_loopback(host):
+        log.warning("no RECEIVER_API_KEYS: binding 127.0.0.1 instead of %s", host)
+        host = "127.0.0.1"
+    if not settings.secret_keys:
+        # Tokens must outlive a restart, or every task in flight loses its callbacks.
+        os.environ["RECEIVER_SECRET_KEYS"] = _local_secret()
+        log.info("no RECEIVER_SECRET_KEYS: using the key kept in %s", DATA_DIR / "secret_key")
+    embedded = None
+    if not settings.redis_url:
+        embedded = RedisServer(DATA_DIR / "redis").start()
+        os.environ["REDIS_URL"] = embedded.url
+        log.info("no REDIS_URL: started redis-server on %s (data in %s)",
+                 embedded.url, embedded.data_dir)
+    print(f"receiver: serving on http://{host}:{port}/ (health: /healthz, API: /openapi.json)",
+          flush=True)
+    try:
+        uvicorn.run(
+            "receiver.app:create_app", factory=True, host=host, port=port,
+            workers=args.workers, access_log=not args.no_access_log,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _local_secret() -> str:
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

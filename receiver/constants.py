@@ -1,0 +1,82 @@
+"""Names shared by every module: Redis key layout, token purposes, canonical field order.
+
+Every Redis key of a tenant carries the tenant as its hash tag (``{acme}``), so one task's
+hash, its history stream, the tenant's event stream and the indexes all live in one slot and
+the transition script stays valid on Redis Cluster. The price: one tenant is one slot.
+"""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT_PREFIX = "receiver"
+
+# Token purposes. Each is an itsdangerous salt, so a token minted for one purpose never
+# verifies for another.
+CALLBACK_SALT = "receiver.callback.v1"
+SUBSCRIBE_SALT = "receiver.subscribe.v1"
+
+TENANT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+JOB_ID_RE = re.compile(r"^[0-9a-f]{20}$")
+
+# The canonical task, in the order it is serialised. Stored as one Redis hash per task whose
+# values are JSON texts, so the Lua script can assemble the snapshot without a JSON library.
+TASK_FIELDS: tuple[str, ...] = (
+    "id",
+    "tenant",
+    "provider",
+    "provider_task_id",
+    "action",
+    "mode",
+    "status",
+    "progress",
+    "prompt",
+    "final_prompt",
+    "image_url",
+    "image_urls",
+    "buttons",
+    "fail_reason",
+    "parent_id",
+    "cost",
+    "created_at",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+    "version",
+)
+
+
+class Keys:
+    """Every Redis key and channel name the service uses, in one place."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+
+    def task(self, tenant: str, job_id: str) -> str:
+        """Hash: the task's canonical fields (JSON values) plus ``_``-prefixed control fields."""
+        return f"{self.prefix}:task:{{{tenant}}}:{job_id}"
+
+    def history(self, tenant: str, job_id: str) -> str:
+        """Stream: every stored transition of one task, with the raw provider payload."""
+        return f"{self.prefix}:history:{{{tenant}}}:{job_id}"
+
+    def stream(self, tenant: str) -> str:
+        """Stream: every event of a tenant, for consumer groups (bounded by MAXLEN)."""
+        return f"{self.prefix}:stream:{{{tenant}}}"
+
+    def channel(self, tenant: str) -> str:
+        """Pub/sub channel: every event of a tenant, fire and forget."""
+        return f"{self.prefix}:events:{{{tenant}}}"
+
+    def last_event_id(self, tenant: str) -> str:
+        """String: the newest event id handed out for the tenant (ids are ours, not XADD's)."""
+        return f"{self.prefix}:lastid:{{{tenant}}}"
+
+    def index(self, tenant: str, status: str | None = None) -> str:
+        """Sorted set (all scores 0, members job ids, which sort by creation time)."""
+        base = f"{self.prefix}:tasks:{{{tenant}}}"
+        return base if status is None else f"{base}:{status}"
+
+# What a field reads as before anything set it.
+FIELD_DEFAULTS: dict[str, str] = {"image_urls": "[]", "buttons": "[]", "progress": "0"}

@@ -1,0 +1,128 @@
+"""The canonical task's vocabulary: statuses, their order, event kinds, and an update."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class TaskStatus(StrEnum):
+    # We know of the task (URL minted, or queued by the submitter); the provider has not
+    # acknowledged it yet.
+    NOT_START = "NOT_START"
+    # The provider accepted it into its queue.
+    SUBMITTED = "SUBMITTED"
+    # Running; ordered among themselves by progress 0..100.
+    IN_PROGRESS = "IN_PROGRESS"
+    # Waiting for a remix or inpaint dialog; ranks with IN_PROGRESS.
+    MODAL = "MODAL"
+    # Done, with images. Final.
+    SUCCESS = "SUCCESS"
+    # Failed. Final when the provider says so; not when we inferred it (a timeout).
+    FAILURE = "FAILURE"
+    # Canceled. Final.
+    CANCEL = "CANCEL"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCEL)
+
+
+class EventKind(StrEnum):
+    CREATED = "task.created"
+    SUBMITTED = "task.submitted"
+    PROGRESS = "task.progress"
+    SUCCEEDED = "task.succeeded"
+    FAILED = "task.failed"
+    CANCELED = "task.canceled"
+
+
+EVENT_OF_STATUS: dict[TaskStatus, EventKind] = {
+    TaskStatus.NOT_START: EventKind.CREATED,
+    TaskStatus.SUBMITTED: EventKind.SUBMITTED,
+    TaskStatus.IN_PROGRESS: EventKind.PROGRESS,
+    TaskStatus.MODAL: EventKind.PROGRESS,
+    TaskStatus.SUCCESS: EventKind.SUCCEEDED,
+    TaskStatus.FAILURE: EventKind.FAILED,
+    TaskStatus.CANCEL: EventKind.CANCELED,
+}
+
+# Ranks decide monotonicity: an update is stored only if it ranks above what is stored.
+# IN_PROGRESS and MODAL take 200 + progress; an inferred failure ranks below every provider
+# final, so a late provider SUCCESS (or FAILURE) still replaces it.
+RANK_INFERRED_FAILURE = 900
+RANK_FINAL = 1000
+
+
+def rank(status: TaskStatus, progress: int | None, inferred: bool = False) -> int:
+    if status is TaskStatus.NOT_START:
+        return 0
+    if status is TaskStatus.SUBMITTED:
+        return 100
+    if status in (TaskStatus.IN_PROGRESS, TaskStatus.MODAL):
+        return 200 + (progress or 0)
+    return RANK_INFERRED_FAILURE if inferred else RANK_FINAL
+
+
+@dataclass(slots=True)
+class Update:
+    """What one provider payload says about a task, in canonical terms.
+
+    ``None`` means "the payload did not say": the stored value is kept.
+    """
+
+    status: TaskStatus
+    progress: int | None = None
+    provider_task_id: str | None = None
+    action: str | None = None
+    mode: str | None = None
+    prompt: str | None = None
+    final_prompt: str | None = None
+    image_url: str | None = None
+    image_urls: list[str] | None = None
+    buttons: list[dict[str, str]] | None = None
+    fail_reason: str | None = None
+    cost: dict[str, Any] | None = None
+    submitted_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    inferred: bool = False
+    # The provider's body as received, kept in the history so no field is ever dropped.
+    raw: bytes = b""
+
+    @property
+    def rank(self) -> int:
+        return rank(self.status, self.progress, self.inferred)
+
+    def fields(self) -> dict[str, Any]:
+        """The canonical fields this update sets (those it has a value for)."""
+        out: dict[str, Any] = {"status": self.status.value}
+        if self.status is TaskStatus.SUCCESS and self.progress is None:
+            out["progress"] = 100
+        for name in (
+            "progress", "provider_task_id", "action", "mode", "prompt", "final_prompt",
+            "image_url", "image_urls", "buttons", "fail_reason", "cost",
+            "submitted_at", "started_at", "finished_at",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+def iso(dt: datetime) -> str:
+    """ISO 8601 UTC with milliseconds and a ``Z``: one format for every time we emit."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def now_iso() -> str:
+    return iso(datetime.now(UTC))
+
+
+def new_job_id() -> str:
+    """20 hex digits: 12 of milliseconds, 8 random. Sorting them sorts by creation time."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"

@@ -1,0 +1,215 @@
+"""The OpenAPI document, written out so clients and schema checkers get the whole contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from receiver import __version__
+from receiver.api import JSONResponse
+from receiver.dialects import DIALECTS
+from receiver.models import EventKind, TaskStatus
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _ok(description: str, schema: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+_NULLABLE_STR = {"type": ["string", "null"]}
+_TENANT_ERRORS = {
+    "401": _error("No or invalid API key"),
+    "403": _error("Open mode (no API keys) and a non-loopback client"),
+    "503": _error("Redis is unavailable"),
+}
+
+SCHEMA: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "receiver",
+        "version": __version__,
+        "description": "Webhook receiver and job tracker for Midjourney-style image APIs.",
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error", "detail"],
+                "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+            },
+            "Button": {
+                "type": "object",
+                "properties": {
+                    "custom_id": {"type": "string"},
+                    "label": {"type": "string"},
+                    "emoji": {"type": "string"},
+                },
+            },
+            "Task": {
+                "type": "object",
+                "required": ["id", "tenant", "provider", "status", "progress", "version"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "tenant": {"type": "string"},
+                    "provider": {"type": "string", "enum": sorted(DIALECTS)},
+                    "provider_task_id": _NULLABLE_STR,
+                    "action": _NULLABLE_STR,
+                    "mode": _NULLABLE_STR,
+                    "status": {"type": "string", "enum": [s.value for s in TaskStatus]},
+                    "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+                    "prompt": _NULLABLE_STR,
+                    "final_prompt": _NULLABLE_STR,
+                    "image_url": _NULLABLE_STR,
+                    "image_urls": {"type": "array", "items": {"type": "string"}},
+                    "buttons": {"type": "array", "items": {"$ref": "#/components/schemas/Button"}},
+                    "fail_reason": _NULLABLE_STR,
+                    "parent_id": _NULLABLE_STR,
+                    "cost": {
+                        "type": ["object", "null"],
+                        "properties": {"amount": {"type": "number"}, "unit": {"type": "string"}},
+                    },
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "submitted_at": _NULLABLE_STR,
+                    "started_at": _NULLABLE_STR,
+                    "finished_at": _NULLABLE_STR,
+                    "updated_at": {"type": "string", "format": "date-time"},
+                    "version": {"type": "integer", "minimum": 1},
+                    "event": {"type": "string", "enum": [k.value for k in EventKind]},
+                    "event_id": {"type": "string"},
+                },
+            },
+            "TaskPage": {
+                "type": "object",
+                "required": ["tasks", "next_cursor"],
+                "properties": {
+                    "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
+                    "next_cursor": _NULLABLE_STR,
+                },
+            },
+            "CallbackUrl": {
+                "type": "object",
+                "required": ["job_id", "callback_url", "task"],
+                "properties": {
+                    "job_id": {"type": "string"},
+                    "callback_url": {"type": "string"},
+                    "task": {"$ref": "#/components/schemas/Task"},
+                },
+            },
+            "CallbackResult": {
+                "type": "object",
+                "required": ["result", "job_id", "version"],
+                "properties": {
+                    "result": {"type": "string", "enum": ["stored", "duplicate", "stale"]},
+                    "job_id": {"type": "string"},
+                    "version": {"type": ["integer", "null"]},
+                },
+            },
+        },
+    },
+    "paths": {
+        "/callbacks/{provider}": {
+            "post": {
+                "summary": "Accept a provider's task callback",
+                "parameters": [
+                    {"name": "provider", "in": "path", "required": True,
+                     "schema": {"type": "string"}},
+                    {"name": "token", "in": "query", "required": True,
+                     "schema": {"type": "string"}},
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _ok("Stored, or recognised as a duplicate or stale", "CallbackResult"),
+                    "400": _error("The body is not a task of that dialect"),
+                    "401": _error("No token, or a bad or expired one"),
+                    "403": _error("The token is for another job or provider"),
+                    "404": _error("Unknown provider"),
+                    "413": _error("The body is over the limit"),
+                    "503": _error("Redis could not store it; retry"),
+                },
+            }
+        },
+        "/callback-urls": {
+            "post": {
+                "summary": "Mint a signed callback URL for a task submitted elsewhere",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {
+                        "type": "object",
+                        "required": ["provider"],
+                        "properties": {
+                            "provider": {"type": "string", "enum": sorted(DIALECTS)},
+                            "action": {"type": "string"},
+                            "mode": {"type": "string"},
+                            "prompt": {"type": "string"},
+                            "parent_id": {"type": "string"},
+                            "provider_task_id": {"type": "string"},
+                        },
+                    }}},
+                },
+                "responses": {
+                    "201": _ok("The job and its callback URL", "CallbackUrl"),
+                    "400": _error("Bad request body"),
+                    "413": _error("The body is over the limit"),
+                    **_TENANT_ERRORS,
+                },
+            }
+        },
+        "/tasks": {
+            "get": {
+                "summary": "The tenant's tasks, newest first",
+                "security": [{"bearer": []}],
+                "parameters": [
+                    {"name": "status", "in": "query",
+                     "schema": {"type": "string", "enum": [s.value for s in TaskStatus]}},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": _ok("A page of tasks", "TaskPage"),
+                    "400": _error("Bad query parameter"),
+                    **_TENANT_ERRORS,
+                },
+            }
+        },
+        "/tasks/{job_id}": {
+            "get": {
+                "summary": "One task",
+                "security": [{"bearer": []}],
+                "parameters": [{"name": "job_id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {
+                    "200": _ok("The task", "Task"),
+                    "404": _error("No such task for this tenant"),
+                    **_TENANT_ERRORS,
+                },
+            }
+        },
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {
+            "description": "The process serves"}}}},
+        "/readyz": {"get": {"summary": "Readiness (Redis reachable)", "responses": {
+            "200": {"description": "Ready"}, "503": _error("Redis is unavailable")}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {
+            "description": "OpenAPI 3.1"}}}},
+    },
+}
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(SCHEMA)

@@ -1,0 +1,58 @@
+"""What a request handler needs, built once per process by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, TimeoutError
+from starlette.requests import Request
+
+from receiver.settings import Settings
+from receiver.store import TaskStore
+from receiver.tokens import TokenSigner
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: Redis
+    store: TaskStore
+    signer: TokenSigner
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        if not settings.redis_url:
+            raise RuntimeError("REDIS_URL is not set (`receiver serve` starts a Redis itself)")
+        redis = connect(settings.redis_url, settings.redis_timeout)
+        return cls(
+            settings=settings,
+            redis=redis,
+            store=TaskStore(redis, settings),
+            signer=TokenSigner(settings.signing_keys(), settings.callback_token_ttl),
+        )
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.redis.aclose()
+
+
+def connect(url: str, timeout: float) -> Redis:
+    """A client that fails fast when Redis is gone (callers answer 503) and retries briefly
+    on a dropped connection (every write we send is idempotent)."""
+    client: Redis = Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 2.0),
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry_on_error=[ConnectionError, TimeoutError],
+        health_check_interval=30,
+    )
+    return client
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc

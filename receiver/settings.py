@@ -1,0 +1,102 @@
+"""Settings, read once from the environment (and ``.env``) through starlette's Config."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from starlette.config import Config
+from starlette.datastructures import CommaSeparatedStrings, Secret
+
+from receiver.constants import DEFAULT_PREFIX, TENANT_RE
+
+DEFAULT_TENANT = "default"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used as given."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None = None
+    # Newest last: the newest signs, every one verifies (rotation).
+    secret_keys: tuple[Secret, ...] = ()
+    public_base_url: str | None = None
+    # api key -> tenant
+    api_keys: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_prefix: str = DEFAULT_PREFIX
+    max_body_bytes: int = 256 * 1024
+    # Longer than the longest task (providers time out at 15 minutes) plus retries and
+    # delayed deliveries.
+    callback_token_ttl: int = 3 * 24 * 3600
+    task_ttl: int = 7 * 24 * 3600
+    tenant_stream_maxlen: int = 100_000
+    task_history_maxlen: int = 1_000
+    redis_timeout: float = 5.0
+
+    @classmethod
+    def from_env(cls, config: Config | None = None) -> Settings:
+        config = config or Config(".env" if os.path.isfile(".env") else None)
+        keys = config("RECEIVER_SECRET_KEYS", cast=CommaSeparatedStrings, default="")
+        return cls(
+            redis_url=config("REDIS_URL", default=None) or None,
+            secret_keys=tuple(Secret(k) for k in keys if k),
+            public_base_url=config("PUBLIC_BASE_URL", default=None) or None,
+            api_keys=parse_api_keys(
+                config("RECEIVER_API_KEYS", cast=CommaSeparatedStrings, default="")
+            ),
+            host=config("HOST", default="127.0.0.1"),
+            port=config("PORT", cast=int, default=8000),
+            redis_prefix=config("REDIS_PREFIX", default=DEFAULT_PREFIX),
+            max_body_bytes=config("MAX_BODY_BYTES", cast=int, default=256 * 1024),
+            callback_token_ttl=config("CALLBACK_TOKEN_TTL", cast=int, default=3 * 24 * 3600),
+            task_ttl=config("TASK_TTL", cast=int, default=7 * 24 * 3600),
+            tenant_stream_maxlen=config("TENANT_STREAM_MAXLEN", cast=int, default=100_000),
+            task_history_maxlen=config("TASK_HISTORY_MAXLEN", cast=int, default=1_000),
+            redis_timeout=config("REDIS_TIMEOUT", cast=float, default=5.0),
+        )
+
+    @property
+    def open_mode(self) -> bool:
+        """No API keys: one tenant, ``default``, reachable from loopback only."""
+        return not self.api_keys
+
+    def signing_keys(self) -> list[str]:
+        """The secret keys as itsdangerous wants them; an ephemeral one if none is set."""
+        if self.secret_keys:
+            return [str(k) for k in self.secret_keys]
+        return [_EPHEMERAL_KEY]
+
+
+_EPHEMERAL_KEY = secrets.token_urlsafe(32)
+
+
+def parse_api_keys(pairs: Iterable[str]) -> dict[str, str]:
+    """``tenant:key`` pairs -> {key: tenant}."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        tenant, sep, key = pair.strip().partition(":")
+        if not sep or not key or not TENANT_RE.match(tenant):
+            raise SettingsError(
+                "RECEIVER_API_KEYS takes comma-separated tenant:key pairs, tenant of "
+                "letters, digits, '_', '.', '-'"
+            )
+        if key in out:
+            raise SettingsError("RECEIVER_API_KEYS gives the same key to two tenants")
+        out[key] = tenant
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
