@@ -1,0 +1,34 @@
+# Two commands on a fresh Debian machine with only Python: `make run`, `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: install run test check bench clean
+
+$(BIN)/receiver: pyproject.toml
+	$(PY) -m venv $(VENV) || { $(APT) update -q && $(APT) install -y -q python3-venv && $(PY) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/receiver
+	@command -v redis-server >/dev/null || { $(APT) update -q && $(APT) install -y -q redis-server; }
+
+run: install
+	$(BIN)/receiver serve
+
+test: install
+	$(BIN)/pytest
+
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: install
+	@command -v wrk >/dev/null || { $(APT) update -q && $(APT) install -y -q wrk; }
+	$(BIN)/python -m bench.ingest
+
+clean:
+	rm -rf $(VENV) .receiver .pytest_cache .mypy_cache .ruff_cache .hypothesis
