@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -25,10 +26,14 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process on loopback, its data in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, persist: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, persist: bool = True,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,7 +53,7 @@ class RedisServer:
                 binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.data_dir.resolve()), "--save", "",
                 "--appendonly", "yes" if self.persist else "no",
-                "--logfile", "redis.log", "--daemonize", "no",
+                "--logfile", "redis.log", "--daemonize", "no", *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

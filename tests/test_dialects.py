@@ -1,0 +1,168 @@
+"""Every sample in shared/samples parses; the seeds' shapes and edge cases too."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from receiver.dialects import DIALECTS, parse, parse_aigc2d, parse_mjproxy, parse_ohmygpt
+from receiver.errors import InvalidPayload
+from receiver.models import TaskStatus
+from tests.conftest import SAMPLES, sample
+
+# Sample files that are not task payloads (answers to a submit) and must be refused as one.
+NOT_TASKS = {"mjproxy-submit-response.json", "ohmygpt-submit-response.json"}
+
+
+def test_every_sample_file_is_covered() -> None:
+    names = {p.name for p in SAMPLES.glob("*.json")}
+    assert names, "no samples found"
+    for name in names:
+        provider = name.split("-")[0]
+        assert provider in DIALECTS, name
+        if name in NOT_TASKS:
+            with pytest.raises(InvalidPayload):
+                parse(provider, sample(name))
+        else:
+            update = parse(provider, sample(name))
+            assert update.provider_task_id
+            assert update.raw == sample(name)
+
+
+def test_mjproxy_progress() -> None:
+    u = parse_mjproxy(sample("mjproxy-progress.json"))
+    assert u.status is TaskStatus.IN_PROGRESS
+    assert u.progress == 45
+    assert u.provider_task_id == "1689231405853400"
+    assert u.action == "IMAGINE"
+    assert u.prompt == "猫猫"
+    assert u.final_prompt == "Cat"
+    assert u.image_url == "https://cdn.discordapp.com/attachments/1/2/preview.webp"
+    assert u.submitted_at == "2023-07-13T06:56:45.854Z"
+    assert u.started_at == "2023-07-13T06:57:22.755Z"
+    assert u.finished_at is None
+    assert u.buttons == []
+
+
+def test_mjproxy_success_has_buttons_and_full_progress() -> None:
+    u = parse_mjproxy(sample("mjproxy-success.json"))
+    assert u.status is TaskStatus.SUCCESS
+    assert u.progress == 100
+    assert u.image_urls == ["https://cdn.discordapp.com/attachments/1/2/grid.png"]
+    assert u.buttons is not None
+    assert [b["label"] for b in u.buttons] == ["U1", "V1", ""]
+    assert u.buttons[2] == {
+        "custom_id": "MJ::JOB::reroll::0::9f1c0a6e-5d1b-4c3e-8f0a-2b7d4e6a1c90::SOLO",
+        "label": "",
+        "emoji": "🔄",
+    }
+    assert u.finished_at == "2023-07-13T06:59:04.312Z"
+
+
+def test_mjproxy_failure_keeps_reason_and_has_no_progress() -> None:
+    u = parse_mjproxy(sample("mjproxy-failure.json"))
+    assert u.status is TaskStatus.FAILURE
+    assert u.progress is None  # "" on failure: the stored progress is kept
+    assert u.fail_reason is not None and u.fail_reason.startswith("[Banned prompt]")
+    assert "progress" not in u.fields()
+
+
+def test_ohmygpt_wrapped_and_bare_give_the_same_task() -> None:
+    wrapped = sample("ohmygpt-query-success.json")
+    bare = orjson.dumps(json.loads(wrapped)["data"])
+    for body in (wrapped, bare):
+        u = parse_ohmygpt(body)
+        assert u.provider_task_id == "20"
+        assert u.status is TaskStatus.SUCCESS
+        assert u.mode == "NORMAL"
+        assert u.progress == 100
+        assert u.image_url == "https://cdn.discordapp.com/attachments/1/2/fox.png"
+        assert u.submitted_at == "2023-08-31T13:59:14.000Z"
+        assert u.finished_at == "2023-08-31T14:00:31.000Z"
+        assert u.buttons is not None and [b["label"] for b in u.buttons] == ["U1", "V2"]
+
+
+def test_ohmygpt_prefers_s3_url_and_keeps_both() -> None:
+    doc = json.loads(sample("ohmygpt-query-success.json"))["data"]
+    doc["imageS3Url"] = "https://s3.example/fox.png"
+    u = parse_ohmygpt(orjson.dumps(doc))
+    assert u.image_url == "https://s3.example/fox.png"
+    assert u.image_urls == ["https://s3.example/fox.png", doc["imageDcUrl"]]
+
+
+def test_aigc2d_id_past_2_to_the_53_stays_exact() -> None:
+    u = parse_aigc2d(sample("aigc2d-success.json"))
+    assert u.provider_task_id == "442275063214085100"
+    assert int(u.provider_task_id) == 442275063214085100
+
+
+def test_id_past_64_bits_stays_exact() -> None:
+    body = b'{"task_id": 123456789012345678901234567890, "status": "SUCCESS"}'
+    assert parse_aigc2d(body).provider_task_id == "123456789012345678901234567890"
+    wrapped = b'{"data": {"taskId": 98765432109876543210987, "status": "SUBMITTED"}}'
+    assert parse_ohmygpt(wrapped).provider_task_id == "98765432109876543210987"
+
+
+def test_aigc2d_times_are_utc8_and_point_is_cost() -> None:
+    u = parse_aigc2d(sample("aigc2d-success.json"))
+    assert u.submitted_at == "2023-07-23T12:01:53.000Z"  # 20:01:53 in UTC+8
+    assert u.finished_at == "2023-07-23T12:02:42.000Z"
+    assert u.cost == {"amount": 100, "unit": "points"}
+    assert u.image_urls == ["https://mjcdn.aigc2d.com/xxxxxx"]
+
+
+def test_aigc2d_failure_reason_from_message() -> None:
+    body = b'{"code": 0, "message": "prompt banned", "task_id": 7, "status": "FAILURE"}'
+    assert parse_aigc2d(body).fail_reason == "prompt banned"
+
+
+@pytest.mark.parametrize(
+    ("provider", "body", "why"),
+    [
+        ("mjproxy", b"not json", "not JSON"),
+        ("mjproxy", b"[1, 2]", "not a JSON object"),
+        ("mjproxy", b'{"id": "1"}', "no status"),
+        ("mjproxy", b'{"id": "1", "status": "DANCING"}', "unknown task status"),
+        ("mjproxy", b'{"status": "SUCCESS"}', "no id"),
+        ("mjproxy", b'{"id": "", "status": "SUCCESS"}', "id"),
+        ("mjproxy", b'{"id": true, "status": "SUCCESS"}', "no id"),
+        ("aigc2d", b'{"task_id": 1.5, "status": "SUCCESS"}', "task_id"),
+        ("ohmygpt", b'{"statusCode": 200, "data": 2}', "no status"),
+    ],
+)
+def test_bad_bodies_are_refused(provider: str, body: bytes, why: str) -> None:
+    with pytest.raises(InvalidPayload, match=why):
+        parse(provider, body)
+
+
+def test_lowercase_status_and_numeric_progress() -> None:
+    u = parse_mjproxy(b'{"id": 5, "status": "in_progress", "progress": 62.5}')
+    assert (u.status, u.progress, u.provider_task_id) == (TaskStatus.IN_PROGRESS, 62, "5")
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_give_an_update_or_invalid_payload(body: bytes) -> None:
+    for provider in DIALECTS:
+        try:
+            update = parse(provider, body)
+        except InvalidPayload:
+            continue
+        assert update.provider_task_id
+
+
+@given(st.dictionaries(
+    st.sampled_from(["id", "taskId", "task_id", "status", "progress", "imageUrl", "buttons",
+                     "actions", "submitTime", "submit_time", "data", "properties", "point"]),
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    | st.lists(st.integers(), max_size=3) | st.dictionaries(st.text(max_size=5), st.integers()),
+))
+def test_arbitrary_json_objects_never_crash_a_parser(doc: dict[str, object]) -> None:
+    body = json.dumps(doc).encode()
+    for provider in DIALECTS:
+        with contextlib.suppress(InvalidPayload):
+            parse(provider, body)

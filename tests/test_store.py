@@ -1,0 +1,152 @@
+"""The transition script's rules, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import redis
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from receiver.models import TaskStatus, Update, new_job_id
+from receiver.redis_server import RedisServer
+from receiver.store import STATUSES, TaskStore
+from receiver.tokens import CallbackClaims
+from tests.conftest import KEYS, base_settings
+
+
+def run(redis_server: RedisServer, body: Callable[[TaskStore], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        client = Redis.from_url(redis_server.url)
+        store = TaskStore(client, base_settings(redis_server.url))
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def claims() -> CallbackClaims:
+    return CallbackClaims(new_job_id(), "acme", "mjproxy")
+
+
+def test_inferred_failure_is_replaced_by_a_later_provider_success(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    c = claims()
+
+    async def body(store: TaskStore) -> list[str]:
+        results = [
+            await store.apply(c, Update(TaskStatus.IN_PROGRESS, 30, "p1")),
+            await store.apply(c, Update(TaskStatus.FAILURE, fail_reason="timed out",
+                                        inferred=True)),
+            await store.apply(c, Update(TaskStatus.IN_PROGRESS, 80, "p1")),  # below: stale
+            await store.apply(c, Update(TaskStatus.SUCCESS, 100, "p1", image_url="u")),
+            await store.apply(c, Update(TaskStatus.FAILURE, fail_reason="late", inferred=True)),
+        ]
+        return [o.result for o in results]
+
+    assert run(redis_server, body) == ["stored", "stored", "stale", "stored", "stale"]
+    task = r.hgetall(KEYS.task("acme", c.job_id))
+    assert task[b"status"] == b'"SUCCESS"' and task[b"version"] == b"3"
+
+
+def test_provider_finals_are_final(redis_server: RedisServer, r: redis.Redis) -> None:
+    for first, second in [
+        (TaskStatus.SUCCESS, TaskStatus.FAILURE),
+        (TaskStatus.FAILURE, TaskStatus.SUCCESS),
+        (TaskStatus.CANCEL, TaskStatus.SUCCESS),
+    ]:
+        c = claims()
+
+        async def body(store: TaskStore, c: CallbackClaims = c, a: TaskStatus = first,
+                       b: TaskStatus = second) -> list[str]:
+            return [(await store.apply(c, Update(s, None, "p"))).result for s in (a, b)]
+
+        assert run(redis_server, body) == ["stored", "duplicate"]
+        assert r.hget(KEYS.task("acme", c.job_id), "status") == orjson.dumps(first.value)
+
+
+def test_every_key_of_a_task_shares_one_slot(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    c = claims()
+    run(redis_server, lambda store: store.apply(c, Update(TaskStatus.SUCCESS, None, "p")))
+    keys = [k.decode() for k in r.keys("*")]
+    assert KEYS.task("acme", c.job_id) in keys and KEYS.stream("acme") in keys
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+    expected = [KEYS.task("acme", c.job_id), KEYS.history("acme", c.job_id),
+                KEYS.stream("acme"), KEYS.last_event_id("acme"), KEYS.index("acme"),
+                *(KEYS.index("acme", s) for s in STATUSES)]
+    assert len({key_slot(k.encode()) for k in expected}) == 1
+
+
+def test_event_ids_are_shared_by_stream_and_history_and_increase(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    a, b = claims(), claims()
+
+    async def body(store: TaskStore) -> None:
+        await asyncio.gather(*(
+            store.apply(c, Update(TaskStatus.IN_PROGRESS, p, f"p-{c.job_id}"))
+            for p in range(1, 30) for c in (a, b)
+        ))
+
+    run(redis_server, body)
+    tenant_ids = [i for i, _ in r.xrange(KEYS.stream("acme"))]
+    assert tenant_ids == sorted(tenant_ids, key=lambda i: tuple(map(int, i.split(b"-"))))
+    for c in (a, b):
+        for event_id, fields in r.xrange(KEYS.history("acme", c.job_id)):
+            data = orjson.loads(fields[b"data"])
+            assert data["event_id"] == event_id.decode()
+            assert event_id in tenant_ids
+
+
+def test_status_indexes_follow_the_task(redis_server: RedisServer, r: redis.Redis) -> None:
+    c = claims()
+
+    async def body(store: TaskStore) -> None:
+        await store.create(c)
+        await store.apply(c, Update(TaskStatus.IN_PROGRESS, 10, "p"))
+        await store.apply(c, Update(TaskStatus.SUCCESS, None, "p"))
+
+    run(redis_server, body)
+    member = c.job_id.encode()
+    assert r.zrange(KEYS.index("acme", "SUCCESS"), 0, -1) == [member]
+    assert r.zcard(KEYS.index("acme", "IN_PROGRESS")) == 0
+    assert r.zcard(KEYS.index("acme", "NOT_START")) == 0
+    assert r.zrange(KEYS.index("acme"), 0, -1) == [member]
+
+
+def test_publishes_the_stored_event(redis_server: RedisServer, r: redis.Redis) -> None:
+    pubsub = r.pubsub()
+    pubsub.subscribe(KEYS.channel("acme"))
+    assert pubsub.get_message(timeout=1)["type"] == "subscribe"  # type: ignore[index]
+    c = claims()
+    run(redis_server, lambda store: store.apply(c, Update(TaskStatus.SUCCESS, None, "p")))
+    message = pubsub.get_message(timeout=2)
+    assert message is not None
+    event = orjson.loads(message["data"])
+    assert (event["id"], event["event"], event["status"]) == (c.job_id, "task.succeeded",
+                                                              "SUCCESS")
+    last = r.xrevrange(KEYS.stream("acme"), count=1)[0]
+    assert last[1][b"data"] == message["data"]
+    pubsub.close()
+
+
+def test_streams_are_bounded(redis_server: RedisServer, r: redis.Redis) -> None:
+    from dataclasses import replace
+
+    async def body(store: TaskStore) -> None:
+        store.settings = replace(store.settings, tenant_stream_maxlen=50)
+        await asyncio.gather(*(
+            store.apply(claims(), Update(TaskStatus.SUBMITTED, None, "p")) for _ in range(1000)
+        ))
+
+    run(redis_server, body)
+    assert r.xlen(KEYS.stream("acme")) < 200  # MAXLEN ~ trims by whole nodes of 100
