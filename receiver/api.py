@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from receiver.auth import authenticate
@@ -109,7 +109,9 @@ async def readyz(request: Request) -> Response:
 
 
 async def _json_object(request: Request, limit: int) -> dict[str, Any]:
-    raw = await read_body(request, limit)
+    raw = await read_body(request.receive, request.headers.get("content-length"), limit)
+    if raw is None:
+        raise ClientDisconnect()
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:

@@ -9,13 +9,14 @@ from contextlib import asynccontextmanager
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver import api
 from receiver.api import JSONResponse
-from receiver.callbacks import receive_callback
+from receiver.callbacks import CallbackEndpoint, CallbackFastPath, ExceptionHandler
 from receiver.errors import ReceiverError, StoreUnavailable
 from receiver.logs import install_redaction
 from receiver.openapi import openapi_json
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/callbacks/{provider}", receive_callback, methods=["POST"]),
+            Route("/callbacks/{provider}", CallbackEndpoint(), methods=["POST"]),
             Route("/callback-urls", api.create_callback_url, methods=["POST"]),
             Route("/tasks", api.list_tasks, methods=["GET"]),
             Route("/tasks/{job_id}", api.get_task, methods=["GET"]),
@@ -57,9 +58,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/readyz", api.readyz, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
         ],
+        middleware=[Middleware(CallbackFastPath, handlers=_DOMAIN_HANDLERS)],
         exception_handlers={
-            ReceiverError: _domain_error,
-            RedisError: _redis_error,
+            **_DOMAIN_HANDLERS,
             HTTPException: _http_error,
             Exception: _internal_error,
         },
@@ -95,6 +96,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         status_code=exc.status_code,
         headers=exc.headers,
     )
+
+
+_DOMAIN_HANDLERS: dict[type[Exception], ExceptionHandler] = {
+    ReceiverError: _domain_error,
+    RedisError: _redis_error,
+}
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -1,92 +1,194 @@
-"""One pipeline per round trip for many concurrent script calls.
+"""Auto-pipelining for the one hot command: the transition script.
 
-A callback's transition is one EVALSHA. Sent one by one, each waits a full round trip and the
-event loop spends its time in socket calls; here every call that arrives while a pipeline is
-in flight rides in the next one. Under light load that is a pipeline of one (no added
-latency); under heavy load, hundreds per round trip.
+Every callback is one EVALSHA. Through redis-py's pipeline each would be packed in Python and
+wait for the batch before it; here the calls made during one event-loop tick are packed in C
+(``hiredis.pack_command``) and written at once, without waiting for earlier replies, on one
+connection of our own. Replies come back in order and resolve the callers' futures as they
+are parsed (``hiredis.Reader``), so Python and Redis work at the same time. Idle, a call costs
+one round trip; loaded, hundreds share each write.
+
+Failure is plain: a lost connection or a silent one (no reply for ``timeout`` seconds) fails
+every call in flight with a redis ``ConnectionError`` or ``TimeoutError`` (answered 503; the
+transition is idempotent, so the sender's retry is safe), and the next call reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
-from collections.abc import Sequence
-from typing import Any
+import ssl
+from collections import deque
+from typing import Any, cast
 
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
-
-log = logging.getLogger(__name__)
+import hiredis
+from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = str | bytes | int | float
-_Call = tuple[Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
+
+
+class _RespProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.replies = 0  # how many have arrived: the watchdog's sign of life
+
+    @property
+    def alive(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            while (reply := self.reader.gets()) is not False:
+                self.replies += 1
+                future = self.waiting.popleft()
+                if not future.done():  # a caller that went away leaves a done future
+                    future.set_result(reply)
+        except hiredis.ProtocolError as exc:
+            self.abort(RedisConnectionError(f"Redis protocol error: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.abort(RedisConnectionError(f"lost the connection to Redis: {exc or 'closed'}"))
+
+    def abort(self, error: Exception) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def send(self, data: bytes, futures: list[asyncio.Future[Any]]) -> None:
+        assert self.transport is not None
+        self.waiting.extend(futures)
+        self.transport.write(data)
 
 
 class ScriptBatcher:
-    def __init__(self, redis: Redis, source: str, max_batch: int = 512) -> None:
-        self.redis = redis
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-        self.max_batch = max_batch
-        self._pending: list[_Call] = []
-        self._wake = asyncio.Event()
-        self._runner: asyncio.Task[None] | None = None
+    """Runs one Lua script for many concurrent callers over one auto-pipelined connection."""
 
-    async def call(self, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        """Run the script once; raises what Redis raised (connection errors included)."""
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run(), name="script-batcher")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((keys, args, future))
-        self._wake.set()
-        return await future
+    def __init__(self, url: str, source: str, timeout: float = 5.0) -> None:
+        self.url = url
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode()
+        self.timeout = timeout
+        self._proto: _RespProtocol | None = None
+        self._connecting = asyncio.Lock()
+        self._buffer: list[bytes] = []
+        self._futures: list[asyncio.Future[Any]] = []
+        self._flush_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    async def call(self, keys: list[bytes], args: list[Arg]) -> Any:
+        """Run the script once; raises redis errors (connection ones included)."""
+        reply = await self._send((b"EVALSHA", self.sha, len(keys), *keys, *args))
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            # Redis restarted or flushed its scripts: EVAL sends the source and caches it.
+            reply = await self._send((b"EVAL", self.source, len(keys), *keys, *args))
+        if isinstance(reply, hiredis.ReplyError):
+            raise ResponseError(str(reply))
+        return reply
+
+    async def command(self, *args: Arg) -> Any:
+        """Any other command, on the same connection (for checks and tests)."""
+        reply = await self._send(args)
+        if isinstance(reply, hiredis.ReplyError):
+            raise ResponseError(str(reply))
+        return reply
 
     async def close(self) -> None:
-        """Finish what is queued, then stop."""
-        while self._pending and self._runner is not None and not self._runner.done():
-            await asyncio.sleep(0.001)
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+        """Wait (up to the timeout) for calls in flight, then close."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while (self._futures or (self._proto and self._proto.waiting)) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        if self._proto is not None:
+            self._proto.abort(RedisConnectionError("closed"))
+            self._proto = None
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-                await self._flush(batch)
+    async def _send(self, command: tuple[Arg, ...]) -> Any:
+        if self._proto is None or not self._proto.alive:
+            await self._connect()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._buffer.append(hiredis.pack_command(command))  # type: ignore[arg-type]
+        self._futures.append(future)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
 
-    async def _flush(self, batch: list[_Call]) -> None:
-        try:
-            results = await self._execute(batch)
-        except Exception as exc:  # the round trip failed: nothing in it is known stored
-            for _, _, future in batch:
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data, futures = b"".join(self._buffer), self._futures
+        self._buffer, self._futures = [], []
+        proto = self._proto
+        if proto is None or not proto.alive:
+            error = RedisConnectionError("no connection to Redis")
+            for future in futures:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(error)
             return
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():  # the caller went away; the transition is stored regardless
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
+        proto.send(data, futures)
+        if self._watchdog is None:
+            self._arm_watchdog(proto)
+
+    def _arm_watchdog(self, proto: _RespProtocol) -> None:
+        seen = proto.replies
+
+        def check() -> None:
+            self._watchdog = None
+            if not proto.waiting:
+                return
+            if proto.replies == seen:
+                proto.abort(RedisTimeoutError(f"Redis sent no reply for {self.timeout} s"))
             else:
-                future.set_result(result)
+                self._arm_watchdog(proto)
 
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
-        results = await self._pipeline(batch)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:  # a restarted or flushed Redis: load once, resend only those calls
-            await self.redis.script_load(self.source)
-            retried = await self._pipeline([batch[i] for i in missing])
-            for i, result in zip(missing, retried, strict=True):
-                results[i] = result
-        return results
+        self._watchdog = asyncio.get_running_loop().call_later(self.timeout, check)
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
-        return await pipe.execute(raise_on_error=False)
+    async def _connect(self) -> None:
+        async with self._connecting:
+            if self._proto is not None and self._proto.alive:
+                return
+            params: dict[str, Any] = parse_url(self.url)  # type: ignore[no-untyped-call]
+            loop = asyncio.get_running_loop()
+            cls = params.get("connection_class")
+            try:
+                if cls is UnixDomainSocketConnection:
+                    opening = loop.create_unix_connection(_RespProtocol, params["path"])
+                else:
+                    tls = ssl.create_default_context() if cls is SSLConnection else None
+                    opening = loop.create_connection(
+                        _RespProtocol, params.get("host", "localhost"),
+                        params.get("port", 6379), ssl=tls,
+                    )
+                _, proto = await asyncio.wait_for(opening, min(self.timeout, 2.0))
+            except (OSError, TimeoutError) as exc:
+                raise RedisConnectionError(f"cannot reach Redis: {exc}") from exc
+            hello: list[tuple[Arg, ...]] = []
+            if params.get("password"):
+                hello.append(("AUTH", *filter(None, (params.get("username"),)),
+                              params["password"]))
+            if params.get("db"):
+                hello.append(("SELECT", params["db"]))
+            hello.append(("SCRIPT", "LOAD", self.source))
+            futures = [loop.create_future() for _ in hello]
+            proto.send(b"".join(hiredis.pack_command(c) for c in hello), futures)  # type: ignore[arg-type]
+            try:
+                replies = await asyncio.wait_for(asyncio.gather(*futures), self.timeout)
+            except TimeoutError as exc:
+                proto.abort(RedisTimeoutError("Redis did not answer the handshake"))
+                raise RedisTimeoutError("Redis did not answer the handshake") from exc
+            for reply in replies:
+                if isinstance(reply, hiredis.ReplyError):
+                    proto.abort(RedisConnectionError(str(reply)))
+                    raise RedisConnectionError(f"Redis refused the handshake: {reply}")
+            self._proto = proto

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -210,6 +211,11 @@ def _urls(value: Any, first: str | None) -> list[str] | None:
 def _epoch_ms(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
+    return _format_epoch_ms(value)
+
+
+@lru_cache(maxsize=4096)  # a task's callbacks repeat its submit and start times
+def _format_epoch_ms(value: float) -> str | None:
     try:
         return iso(datetime.fromtimestamp(value / 1000, UTC))
     except (OverflowError, OSError, ValueError):

@@ -119,8 +119,19 @@ def iso(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def now_iso() -> str:
-    return iso(datetime.now(UTC))
+    """Formatted at most once per millisecond: every callback asks for it."""
+    ms = now_ms()
+    if ms != _now[0]:
+        _now[:] = [ms, iso(datetime.fromtimestamp(ms / 1000, UTC))]
+    return str(_now[1])
+
+
+_now: list[int | str] = [0, ""]
 
 
 def new_job_id() -> str:

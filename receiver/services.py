@@ -10,8 +10,9 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from starlette.requests import Request
 
+from receiver.batcher import ScriptBatcher
 from receiver.settings import Settings
-from receiver.store import TaskStore
+from receiver.store import TRANSITION, TaskStore
 from receiver.tokens import TokenSigner
 
 
@@ -27,10 +28,11 @@ class Services:
         if not settings.redis_url:
             raise RuntimeError("REDIS_URL is not set (`receiver serve` starts a Redis itself)")
         redis = connect(settings.redis_url, settings.redis_timeout)
+        batcher = ScriptBatcher(settings.redis_url, TRANSITION, settings.redis_timeout)
         return cls(
             settings=settings,
             redis=redis,
-            store=TaskStore(redis, settings),
+            store=TaskStore(redis, batcher, settings),
             signer=TokenSigner(settings.signing_keys(), settings.callback_token_ttl),
         )
 

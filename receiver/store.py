@@ -15,41 +15,62 @@ from redis.asyncio import Redis
 
 from receiver.batcher import ScriptBatcher
 from receiver.constants import FIELD_DEFAULTS, TASK_FIELDS, Keys
-from receiver.models import EVENT_OF_STATUS, TaskStatus, Update, now_iso, rank
+from receiver.models import (
+    EVENT_OF_STATUS,
+    RANK_INFERRED_FAILURE,
+    TaskStatus,
+    Update,
+    now_iso,
+    now_ms,
+    rank,
+)
 from receiver.settings import Settings
 from receiver.tokens import CallbackClaims
 
-STATUSES = tuple(s.value for s in TaskStatus)
+# The script finds the version at the end of the stored values.
+assert TASK_FIELDS[-1] == "version"
 
 _LUA = """
-local FIELDS = {%(fields)s}
-local STATUSES = {%(statuses)s}
+local N = %(count)d
+local NAMES = {%(names)s}
 local DEFAULTS = {%(defaults)s}
 local op, new_rank, status, kind, ptid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 
-local cur = redis.call('HMGET', KEYS[1], '_rank', '_status', '_ptid', unpack(FIELDS))
+-- r: rank, s: status, p: provider task id, v: the N field values (JSON texts) joined by NUL,
+-- a byte JSON text never holds.
+local cur = redis.call('HMGET', KEYS[1], 'r', 's', 'p', 'v')
 local exists = cur[1] ~= false
+local vals = {}
 if exists then
   if op == 'create' then return {'exists'} end
   if ptid ~= '' and cur[3] and cur[3] ~= ptid then return {'conflict'} end
-  local cur_rank, cur_version = tonumber(cur[1]), cur[3 + #FIELDS]
-  if new_rank == cur_rank then return {'duplicate', cur_version} end
-  if new_rank < cur_rank then return {'stale', cur_version} end
+  local stored, pos = cur[4], 1
+  for i = 1, N - 1 do  -- plain find (memchr): pattern matching costs more
+    local e = string.find(stored, '\\0', pos, true)
+    vals[i] = string.sub(stored, pos, e - 1); pos = e + 1
+  end
+  vals[N] = string.sub(stored, pos)
+  local cur_rank = tonumber(cur[1])
+  if new_rank == cur_rank then return {'duplicate', vals[N]} end
+  if new_rank < cur_rank then return {'stale', vals[N]} end
+else
+  for i = 1, N do vals[i] = DEFAULTS[i] or 'null' end
+  vals[%(created_at)d] = ARGV[7]
 end
+local patch, pos = ARGV[13], 1  -- index NUL json NUL index NUL json ...
+while pos <= #patch do
+  local e = string.find(patch, '\\0', pos, true)
+  local f = string.find(patch, '\\0', e + 1, true) or #patch + 1
+  vals[tonumber(string.sub(patch, pos, e - 1))] = string.sub(patch, e + 1, f - 1)
+  pos = f + 1
+end
+local version = exists and tonumber(vals[N]) + 1 or 1
+vals[N] = tostring(version)
+vals[%(updated_at)d] = ARGV[7]
 
-local vals, pos = {}, {}
-for i, f in ipairs(FIELDS) do vals[i] = cur[i + 3]; pos[f] = i end
-for i = 13, #ARGV, 2 do vals[pos[ARGV[i]]] = ARGV[i + 1] end
-local version = 1
-if exists then version = tonumber(vals[pos['version']]) + 1 end
-vals[pos['version']] = tostring(version)
-vals[pos['updated_at']] = ARGV[7]
-if not vals[pos['created_at']] then vals[pos['created_at']] = ARGV[7] end
-
--- Event ids are ours (time-ms, then a sequence) so the JSON can carry its own id; the same
--- id goes into the tenant stream and the task history.
-local t = redis.call('TIME')
-local ms, seq = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 0
+-- Event ids are ours (the caller's clock in ms, then a sequence) so the JSON can carry its
+-- own id; the same id goes into the tenant stream and the task history.
+local ms, seq = tonumber(ARGV[14]), 0
 local last = redis.call('GET', KEYS[4])
 if last then
   local lms, lseq = string.match(last, '^(%%d+)-(%%d+)$')
@@ -58,9 +79,8 @@ end
 local id = string.format('%%d-%%d', ms, seq)
 
 local parts = {}
-for i, f in ipairs(FIELDS) do parts[i] = '"' .. f .. '":' .. (vals[i] or DEFAULTS[f] or 'null') end
-local data = '{' .. table.concat(parts, ',')
-  .. ',"event":"' .. kind .. '","event_id":"' .. id .. '"}'
+for i = 1, N do parts[2 * i - 1] = NAMES[i]; parts[2 * i] = vals[i] end
+local data = table.concat(parts) .. ',"event":"' .. kind .. '","event_id":"' .. id .. '"}'
 
 -- The XADDs go first: they are the only writes that could refuse, and a script that fails
 -- part way keeps what it already wrote.
@@ -68,33 +88,40 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], id, 'event', kind, 'data', 
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[11], id,
   'event', kind, 'data', data, 'raw', ARGV[6])
 redis.call('SET', KEYS[4], id)
-
-local hset = {'_rank', ARGV[2], '_status', status}
-if ptid ~= '' then hset[5], hset[6] = '_ptid', ptid end
-for i, f in ipairs(FIELDS) do
-  if vals[i] then hset[#hset + 1] = f; hset[#hset + 1] = vals[i] end
+local stored = table.concat(vals, '\\0')
+if ptid ~= '' then
+  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'p', ptid, 'v', stored)
+else
+  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored)
 end
-redis.call('HSET', KEYS[1], unpack(hset))
-redis.call('EXPIRE', KEYS[1], ARGV[12])
-redis.call('EXPIRE', KEYS[2], ARGV[12])
-
-redis.call('ZADD', KEYS[5], 0, ARGV[8])
-for i, s in ipairs(STATUSES) do
-  if s == status then redis.call('ZADD', KEYS[5 + i], 0, ARGV[8])
-  elseif exists and s == cur[2] then redis.call('ZREM', KEYS[5 + i], ARGV[8]) end
+-- Retention runs from creation and again from the end; progress need not refresh it.
+if not exists or new_rank >= %(inferred)d then
+  redis.call('EXPIRE', KEYS[1], ARGV[12])
+  redis.call('EXPIRE', KEYS[2], ARGV[12])
+end
+-- Indexes: all tasks (KEYS[5]) and one per status (KEYS[5]:STATUS), same hash tag.
+if not exists then redis.call('ZADD', KEYS[5], 0, ARGV[8]) end
+if cur[2] ~= status then
+  if exists then redis.call('ZREM', KEYS[5] .. ':' .. cur[2], ARGV[8]) end
+  redis.call('ZADD', KEYS[5] .. ':' .. status, 0, ARGV[8])
 end
 redis.call('PUBLISH', ARGV[9], data)
 return {'stored', version, id, data}
 """
 
+_INDEX = {name: i for i, name in enumerate(TASK_FIELDS, start=1)}
 TRANSITION = _LUA % {
-    "fields": ", ".join(f"'{f}'" for f in TASK_FIELDS),
-    "statuses": ", ".join(f"'{s}'" for s in STATUSES),
-    "defaults": ", ".join(f"{k} = '{v}'" for k, v in FIELD_DEFAULTS.items()),
+    "count": len(TASK_FIELDS),
+    # '{"id":', ',"tenant":', ...: the snapshot is these and the values, interleaved
+    "names": ", ".join(
+        f"'{'{' if i == 1 else ','}\"{name}\":'" for name, i in _INDEX.items()
+    ),
+    "defaults": ", ".join(f"[{_INDEX[k]}] = '{v}'" for k, v in FIELD_DEFAULTS.items()),
+    "created_at": _INDEX["created_at"],
+    "inferred": RANK_INFERRED_FAILURE,
+    "updated_at": _INDEX["updated_at"],
 }
-
 _FIELD_NAMES = [f.encode() for f in TASK_FIELDS]
-_DEFAULTS = {f.encode(): v.encode() for f, v in FIELD_DEFAULTS.items()}
 
 
 class Outcome(NamedTuple):
@@ -111,11 +138,17 @@ class Outcome(NamedTuple):
 
 
 class TaskStore:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        self.redis = redis
+    def __init__(self, redis: Redis, batcher: ScriptBatcher, settings: Settings) -> None:
+        self.redis = redis  # reads
+        self.batcher = batcher  # the transition script
         self.keys = Keys(settings.redis_prefix)
         self.settings = settings
-        self.batcher = ScriptBatcher(redis, TRANSITION)
+        self._limits = [
+            str(settings.tenant_stream_maxlen).encode(),
+            str(settings.task_history_maxlen).encode(),
+            str(settings.task_ttl).encode(),
+        ]
+        self._tenant_keys: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -127,48 +160,50 @@ class TaskStore:
         """Create a task's record (refused with ``exists`` if it has one)."""
         fields.update(status=status.value)
         return await self._transition(
-            "create", claims, rank(status, None), status, b"", fields,
+            b"create", claims, rank(status, None), status, b"", fields,
             ptid=fields.get("provider_task_id") or "",
         )
 
     async def apply(self, claims: CallbackClaims, update: Update) -> Outcome:
         """Store what a provider (or our own inference) says, if it moves the task forward."""
         return await self._transition(
-            "apply", claims, update.rank, update.status, update.raw, update.fields(),
+            b"apply", claims, update.rank, update.status, update.raw, update.fields(),
             ptid=update.provider_task_id or "",
         )
 
     async def _transition(
-        self, op: str, claims: CallbackClaims, rank_: int, status: TaskStatus, raw: bytes,
+        self, op: bytes, claims: CallbackClaims, rank_: int, status: TaskStatus, raw: bytes,
         fields: dict[str, Any], ptid: str = "",
     ) -> Outcome:
-        job, tenant, keys = claims.job_id, claims.tenant, self.keys
+        job, tenant = claims.job_id, claims.tenant
         fields.update(id=job, tenant=tenant, provider=claims.provider)
-        args: list[str | bytes | int] = [
-            op, rank_, status.value, EVENT_OF_STATUS[status].value, ptid, raw,
-            orjson.dumps(now_iso()), job, keys.channel(tenant),
-            self.settings.tenant_stream_maxlen, self.settings.task_history_maxlen,
-            self.settings.task_ttl,
-        ]
-        for name, value in fields.items():
-            args += (name, orjson.dumps(value))
+        stream, last_id, index, channel = self._for_tenant(tenant)
+        patch = b"\0".join(
+            b"%d\0%s" % (_INDEX[name], orjson.dumps(value)) for name, value in fields.items()
+        )
         reply = await self.batcher.call(
-            [
-                keys.task(tenant, job), keys.history(tenant, job), keys.stream(tenant),
-                keys.last_event_id(tenant), keys.index(tenant),
-                *(keys.index(tenant, s) for s in STATUSES),
-            ],
-            args,
+            [self.keys.task(tenant, job).encode(), self.keys.history(tenant, job).encode(),
+             stream, last_id, index],
+            [op, rank_, status.value, EVENT_OF_STATUS[status].value, ptid, raw,
+             orjson.dumps(now_iso()), job, channel, *self._limits, patch, now_ms()],
         )
         if reply[0] != b"stored":
             return Outcome(reply[0].decode(), int(reply[1]) if len(reply) > 1 else None)
         return Outcome("stored", int(reply[1]), reply[2].decode(), reply[3])
 
+    def _for_tenant(self, tenant: str) -> tuple[bytes, bytes, bytes, bytes]:
+        keys = self._tenant_keys.get(tenant)
+        if keys is None:
+            k = self.keys
+            keys = self._tenant_keys[tenant] = (
+                k.stream(tenant).encode(), k.last_event_id(tenant).encode(),
+                k.index(tenant).encode(), k.channel(tenant).encode(),
+            )
+        return keys
+
     async def get(self, tenant: str, job_id: str) -> bytes | None:
         """The task's snapshot JSON, or None."""
-        values = await self.redis.hmget(  # type: ignore[misc]
-            self.keys.task(tenant, job_id), _FIELD_NAMES
-        )
+        values = await self.redis.hget(self.keys.task(tenant, job_id), "v")  # type: ignore[misc]
         return _snapshot(values)
 
     async def list(
@@ -186,7 +221,7 @@ class TaskStore:
                 break
             pipe = self.redis.pipeline(transaction=False)
             for job in ids:
-                pipe.hmget(self.keys.task(tenant, job.decode()), _FIELD_NAMES)
+                pipe.hget(self.keys.task(tenant, job.decode()), "v")
             expired = []
             for job, values in zip(ids, await pipe.execute(), strict=True):
                 snapshot = _snapshot(values)
@@ -205,10 +240,11 @@ class TaskStore:
         return bool(await self.redis.ping())
 
 
-def _snapshot(values: list[bytes | None]) -> bytes | None:
-    if values[0] is None:  # no id: no task
+def _snapshot(values: bytes | None) -> bytes | None:
+    """The stored NUL-joined values -> the task's JSON."""
+    if values is None:
         return None
     return b"{" + b",".join(
-        b'"%s":%s' % (name, value if value is not None else _DEFAULTS.get(name, b"null"))
-        for name, value in zip(_FIELD_NAMES, values, strict=True)
+        b'"%s":%s' % (name, value)
+        for name, value in zip(_FIELD_NAMES, values.split(b"\0"), strict=True)
     ) + b"}"

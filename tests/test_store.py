@@ -11,17 +11,21 @@ import redis
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from receiver.batcher import ScriptBatcher
 from receiver.models import TaskStatus, Update, new_job_id
 from receiver.redis_server import RedisServer
-from receiver.store import STATUSES, TaskStore
+from receiver.store import TRANSITION, TaskStore
 from receiver.tokens import CallbackClaims
 from tests.conftest import KEYS, base_settings
 
 
-def run(redis_server: RedisServer, body: Callable[[TaskStore], Awaitable[Any]]) -> Any:
+def run(
+    redis_server: RedisServer, body: Callable[[TaskStore], Awaitable[Any]], **settings: Any
+) -> Any:
     async def main() -> Any:
         client = Redis.from_url(redis_server.url)
-        store = TaskStore(client, base_settings(redis_server.url))
+        batcher = ScriptBatcher(redis_server.url, TRANSITION)
+        store = TaskStore(client, batcher, base_settings(redis_server.url, **settings))
         try:
             return await body(store)
         finally:
@@ -33,6 +37,12 @@ def run(redis_server: RedisServer, body: Callable[[TaskStore], Awaitable[Any]]) 
 
 def claims() -> CallbackClaims:
     return CallbackClaims(new_job_id(), "acme", "mjproxy")
+
+
+def stored(redis_server: RedisServer, c: CallbackClaims) -> dict[str, Any]:
+    task = run(redis_server, lambda store: store.get(c.tenant, c.job_id))
+    assert task is not None
+    return dict(orjson.loads(task))
 
 
 def test_inferred_failure_is_replaced_by_a_later_provider_success(
@@ -52,8 +62,8 @@ def test_inferred_failure_is_replaced_by_a_later_provider_success(
         return [o.result for o in results]
 
     assert run(redis_server, body) == ["stored", "stored", "stale", "stored", "stale"]
-    task = r.hgetall(KEYS.task("acme", c.job_id))
-    assert task[b"status"] == b'"SUCCESS"' and task[b"version"] == b"3"
+    task = stored(redis_server, c)
+    assert (task["status"], task["version"], task["image_url"]) == ("SUCCESS", 3, "u")
 
 
 def test_provider_finals_are_final(redis_server: RedisServer, r: redis.Redis) -> None:
@@ -69,7 +79,7 @@ def test_provider_finals_are_final(redis_server: RedisServer, r: redis.Redis) ->
             return [(await store.apply(c, Update(s, None, "p"))).result for s in (a, b)]
 
         assert run(redis_server, body) == ["stored", "duplicate"]
-        assert r.hget(KEYS.task("acme", c.job_id), "status") == orjson.dumps(first.value)
+        assert stored(redis_server, c)["status"] == first.value
 
 
 def test_every_key_of_a_task_shares_one_slot(
@@ -82,7 +92,7 @@ def test_every_key_of_a_task_shares_one_slot(
     assert len({key_slot(k.encode()) for k in keys}) == 1
     expected = [KEYS.task("acme", c.job_id), KEYS.history("acme", c.job_id),
                 KEYS.stream("acme"), KEYS.last_event_id("acme"), KEYS.index("acme"),
-                *(KEYS.index("acme", s) for s in STATUSES)]
+                *(KEYS.index("acme", s) for s in TaskStatus)]
     assert len({key_slot(k.encode()) for k in expected}) == 1
 
 
@@ -140,13 +150,10 @@ def test_publishes_the_stored_event(redis_server: RedisServer, r: redis.Redis) -
 
 
 def test_streams_are_bounded(redis_server: RedisServer, r: redis.Redis) -> None:
-    from dataclasses import replace
-
     async def body(store: TaskStore) -> None:
-        store.settings = replace(store.settings, tenant_stream_maxlen=50)
         await asyncio.gather(*(
             store.apply(claims(), Update(TaskStatus.SUBMITTED, None, "p")) for _ in range(1000)
         ))
 
-    run(redis_server, body)
+    run(redis_server, body, tenant_stream_maxlen=50)
     assert r.xlen(KEYS.stream("acme")) < 200  # MAXLEN ~ trims by whole nodes of 100
