@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,6 +44,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 "with this process"
             )
         app.state.services = svc = Services.build(settings)
+        # What exists now lives as long as the process: keep it out of every GC pass (about a
+        # tenth of a callback's CPU, measured).
+        gc.freeze()
         try:
             yield
         finally:

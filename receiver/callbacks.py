@@ -114,7 +114,8 @@ def _token(query_string: bytes) -> str | None:
     """The ``token`` query parameter, without parsing the rest of the query."""
     for part in query_string.split(b"&"):
         if part.startswith(b"token="):
-            return unquote(part[6:].decode("latin-1"))
+            token = part[6:].decode("latin-1")
+            return unquote(token) if "%" in token else token  # ours never need quoting
     return None
 
 

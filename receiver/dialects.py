@@ -129,10 +129,13 @@ def _object(body: bytes) -> dict[str, Any]:
 def _status(value: Any) -> TaskStatus:
     if not isinstance(value, str):
         raise InvalidPayload("the task has no status")
-    try:
-        return TaskStatus(value.strip().upper())
-    except ValueError:
-        raise InvalidPayload(f"unknown task status {value[:40]!r}") from None
+    status = _STATUSES.get(value) or _STATUSES.get(value.strip().upper())
+    if status is None:
+        raise InvalidPayload(f"unknown task status {value[:40]!r}")
+    return status
+
+
+_STATUSES = {s.value: s for s in TaskStatus}
 
 
 def _task_id(doc: dict[str, Any], key: str, body: bytes, wrapped: str | None = None) -> str:
@@ -168,6 +171,8 @@ def _upper(value: Any) -> str | None:
 
 def _progress(value: Any) -> int | None:
     """``"45%"``, ``45`` or ``"45"`` -> 45; ``""`` or nonsense -> None (keep the stored)."""
+    if isinstance(value, str) and value[:-1].isdigit() and value[-1] == "%":
+        return min(100, int(value[:-1]))  # the usual "45%"
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):

@@ -103,15 +103,19 @@ class Update:
         out: dict[str, Any] = {"status": self.status.value}
         if self.status is TaskStatus.SUCCESS and self.progress is None:
             out["progress"] = 100
-        for name in (
-            "progress", "provider_task_id", "action", "mode", "prompt", "final_prompt",
-            "image_url", "image_urls", "buttons", "fail_reason", "cost",
-            "submitted_at", "started_at", "finished_at",
-        ):
+        for name in UPDATE_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
         return out
+
+
+# The canonical fields an `Update` may carry, besides its status.
+UPDATE_FIELDS = (
+    "progress", "provider_task_id", "action", "mode", "prompt", "final_prompt",
+    "image_url", "image_urls", "buttons", "fail_reason", "cost",
+    "submitted_at", "started_at", "finished_at",
+)
 
 
 def iso(dt: datetime) -> str:

@@ -53,8 +53,9 @@ if exists then
   local cur_rank = tonumber(cur[1])
   if new_rank == cur_rank then return {'duplicate', vals[N]} end
   if new_rank < cur_rank then return {'stale', vals[N]} end
-else
+else  -- tenant and provider are from a verified token: safe inside quotes
   for i = 1, N do vals[i] = DEFAULTS[i] or 'null' end
+  vals[1], vals[2], vals[3] = '"' .. ARGV[8] .. '"', '"' .. ARGV[15] .. '"', '"' .. ARGV[16] .. '"'
   vals[%(created_at)d] = ARGV[7]
 end
 local patch, pos = ARGV[13], 1  -- index NUL json NUL index NUL json ...
@@ -106,7 +107,8 @@ if cur[2] ~= status then
   redis.call('ZADD', KEYS[5] .. ':' .. status, 0, ARGV[8])
 end
 redis.call('PUBLISH', ARGV[9], data)
-return {'stored', version, id, data}
+if op == 'create' then return {'stored', version, id, data} end
+return {'stored', version, id}
 """
 
 _INDEX = {name: i for i, name in enumerate(TASK_FIELDS, start=1)}
@@ -122,6 +124,7 @@ TRANSITION = _LUA % {
     "updated_at": _INDEX["updated_at"],
 }
 _FIELD_NAMES = [f.encode() for f in TASK_FIELDS]
+_INDEX_BYTES = {name: b"%d" % i for name, i in _INDEX.items()}
 
 
 class Outcome(NamedTuple):
@@ -129,7 +132,7 @@ class Outcome(NamedTuple):
     result: str
     version: int | None = None
     event_id: str | None = None
-    # The snapshot JSON (with event and event_id) when stored.
+    # The snapshot JSON (with event and event_id), returned for a create only.
     data: bytes | None = None
 
     @property
@@ -176,20 +179,21 @@ class TaskStore:
         fields: dict[str, Any], ptid: str = "",
     ) -> Outcome:
         job, tenant = claims.job_id, claims.tenant
-        fields.update(id=job, tenant=tenant, provider=claims.provider)
         stream, last_id, index, channel = self._for_tenant(tenant)
-        patch = b"\0".join(
-            b"%d\0%s" % (_INDEX[name], orjson.dumps(value)) for name, value in fields.items()
-        )
+        patch: list[bytes] = []
+        for name, value in fields.items():
+            patch += (_INDEX_BYTES[name], orjson.dumps(value))
         reply = await self.batcher.call(
             [self.keys.task(tenant, job).encode(), self.keys.history(tenant, job).encode(),
              stream, last_id, index],
             [op, rank_, status.value, EVENT_OF_STATUS[status].value, ptid, raw,
-             orjson.dumps(now_iso()), job, channel, *self._limits, patch, now_ms()],
+             orjson.dumps(now_iso()), job, channel, *self._limits, b"\0".join(patch),
+             now_ms(), tenant, claims.provider],
         )
         if reply[0] != b"stored":
             return Outcome(reply[0].decode(), int(reply[1]) if len(reply) > 1 else None)
-        return Outcome("stored", int(reply[1]), reply[2].decode(), reply[3])
+        return Outcome("stored", int(reply[1]), reply[2].decode(),
+                       reply[3] if len(reply) > 3 else None)
 
     def _for_tenant(self, tenant: str) -> tuple[bytes, bytes, bytes, bytes]:
         keys = self._tenant_keys.get(tenant)

@@ -1,0 +1,475 @@
+"""Callback ingest rate: the receiver's full callback path against a bare Starlette endpoint.
+
+Both run on one uvicorn worker with the same flags and take the same wrk load (same Lua
+script, same paths and bodies, same concurrency and duration), one after the other in one
+run. The bare endpoint (``bench/bare.py``) only reads the body, so the ratio ours/bare is
+the share of one worker's HTTP capacity that survives our token check, dialect parsing and
+the Redis transition script. Project goal: ours >= 50% of bare.
+
+The load is realistic midjourney-proxy traffic: per job, IN_PROGRESS at 1%..99% in ten steps
+then SUCCESS with buttons, many jobs interleaved, each callback a stored transition (each
+measured run uses freshly minted jobs). Results go to stdout and to ``BENCHMARKS.md``.
+
+    .venv/bin/python -m bench.ingest [--duration 8] [--connections 64] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import platform
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+import redis
+import uvloop
+
+from receiver.constants import DEFAULT_PREFIX, Keys
+from receiver.redis_server import RedisServer, free_port
+from receiver.settings import DEFAULT_TENANT
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS_APP = "receiver.app:create_app"
+BARE_APP = "bench.bare:create_app"
+HOST = "127.0.0.1"
+UVICORN_FLAGS = (
+    "--no-access-log", "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+)
+PROGRESS_STEPS = tuple(round(1 + k * 98 / 9) for k in range(10))  # 1, 12, ..., 99
+CALLBACKS_PER_JOB = len(PROGRESS_STEPS) + 1
+
+# Cycles through pre-generated requests, one file of "path\nbody\n" pairs (given after --).
+WRK_SCRIPT = """\
+local requests, n, i = {}, 0, 0
+
+function init(args)
+  local headers = {["Content-Type"] = "application/json"}
+  local f = assert(io.open(args[1], "rb"))
+  for path in f:lines() do
+    n = n + 1
+    requests[n] = wrk.format("POST", path, headers, f:read("*l"))
+  end
+  f:close()
+end
+
+function request()
+  i = i % n + 1
+  return requests[i]
+end
+"""
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int  # non-2xx answers plus socket errors
+    output: str
+
+
+@dataclass(frozen=True)
+class Run:
+    server: str  # "ours" | "bare"
+    wrk: WrkResult
+    sent: int  # requests in the cycled list
+    stored: int | None = None  # transitions stored during the run (ours only)
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+# --pin: uvicorn alone on CPU 0; wrk and redis-server share CPU 1 (for both servers alike),
+# to see how much of the gap is three processes contending for two cores.
+PIN: dict[str, list[str]] = {"server": [], "load": []}
+
+
+def uvicorn_command(app: str, port: int) -> list[str]:
+    return [*PIN["server"], sys.executable, "-m", "uvicorn", app, "--factory", "--host", HOST,
+            "--port", str(port), *UVICORN_FLAGS]
+
+
+@contextmanager
+def uvicorn_server(app: str, env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """A uvicorn child serving ``app``; yields its base URL; stopped on exit."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(uvicorn_command(app, port), cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://{HOST}:{port}"
+            wait_http(base, proc, log_path)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_http(base: str, proc: subprocess.Popen[bytes], log_path: Path,
+              timeout: float = 20.0) -> None:
+    """Until the server answers HTTP at all (the bare app has no health route)."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=base, timeout=httpx.Timeout(1.0), trust_env=False) as client:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited at start:\n{log_path.read_text()[-2000:]}")
+            try:
+                client.get("/healthz")
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not answer within {timeout:.0f}s") from None
+                time.sleep(0.1)
+
+
+# --- workload ------------------------------------------------------------------------------
+
+
+async def mint(base: str, count: int, workers: int = 4) -> list[tuple[str, str]]:
+    """``count`` jobs on our service: (job_id, callback path with ?token=). A few workers
+    on one keep-alive pool: more only adds contention in httpx's pool."""
+    jobs: list[tuple[str, str]] = []
+    numbers = iter(range(count))
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10.0), trust_env=False,
+                                 limits=httpx.Limits(max_connections=workers)) as client:
+
+        async def worker() -> None:
+            for n in numbers:
+                resp = await client.post("/callback-urls", json={
+                    "provider": "mjproxy", "prompt": f"bench cat {n}, watercolor --ar 3:2",
+                })
+                resp.raise_for_status()
+                doc = resp.json()
+                url = urlsplit(doc["callback_url"])
+                jobs.append((doc["job_id"], f"{url.path}?{url.query}"))
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+    return jobs
+
+
+def callbacks(provider_id: str, prompt: str) -> list[bytes]:
+    """One job's mjproxy callbacks, in order: IN_PROGRESS 1%..99%, then SUCCESS."""
+    submit = int(provider_id) // 1000
+    task: dict[str, Any] = {
+        "id": provider_id, "action": "IMAGINE", "status": "IN_PROGRESS", "prompt": prompt,
+        "promptEn": prompt, "description": f"/imagine {prompt}", "state": "",
+        "submitTime": submit, "startTime": submit + 3_000, "finishTime": None,
+        "progress": "", "imageUrl": None, "failReason": None,
+        "properties": {"notifyHook": "https://example.com/callbacks/mjproxy?token=REDACTED",
+                       "finalPrompt": prompt},
+        "buttons": [],
+    }
+    out = []
+    for step, pct in enumerate(PROGRESS_STEPS):
+        task.update(progress=f"{pct}%", imageUrl=(
+            f"https://cdn.discordapp.com/attachments/{provider_id}/{step}/preview.webp"))
+        out.append(orjson.dumps(task))
+    ref = secrets.token_hex(16)
+    task.update(
+        status="SUCCESS", progress="100%", finishTime=submit + 60_000,
+        imageUrl=f"https://cdn.discordapp.com/attachments/{provider_id}/grid.png",
+        properties={"finalPrompt": prompt},
+        buttons=[
+            *({"customId": f"MJ::JOB::{kind}::{i}::{ref}", "emoji": "", "label": f"{kind[0]}{i}",
+               "type": 2, "style": 2}
+              for kind in ("upsample", "variation") for i in range(1, 5)),
+            {"customId": f"MJ::JOB::reroll::0::{ref}::SOLO", "emoji": "🔄", "label": "",
+             "type": 2, "style": 2},
+        ],
+    )
+    out.append(orjson.dumps(task))
+    return out
+
+
+def interleave(jobs: Sequence[tuple[str, str]], first_id: int,
+               window: int) -> list[tuple[str, bytes]]:
+    """Every job's callbacks, ``window`` jobs in flight at a time: step k of each job in the
+    window, then step k+1. A job's successive callbacks are ``window`` requests apart, more
+    than wrk keeps in flight, so they arrive in order."""
+    out: list[tuple[str, bytes]] = []
+    for start in range(0, len(jobs), window):
+        group = [(path, callbacks(str(first_id + start + j), f"bench cat {start + j}"))
+                 for j, (_, path) in enumerate(jobs[start:start + window])]
+        for step in range(CALLBACKS_PER_JOB):
+            out.extend((path, bodies[step]) for path, bodies in group)
+    return out
+
+
+def write_requests(path: Path, requests: Sequence[tuple[str, bytes]]) -> Path:
+    with path.open("wb") as f:
+        for target, body in requests:
+            f.write(target.encode() + b"\n" + body + b"\n")
+    return path
+
+
+def stored_transitions(client: redis.Redis, jobs: Sequence[tuple[str, str]]) -> int:
+    """Transitions stored since minting, summed over the jobs' histories (each starts with
+    its created event). Exact even when the tenant stream has been trimmed."""
+    keys = Keys(DEFAULT_PREFIX)
+    pipe = client.pipeline(transaction=False)
+    for job_id, _ in jobs:
+        pipe.xlen(keys.history(DEFAULT_TENANT, job_id))
+    return sum(max(0, int(n) - 1) for n in pipe.execute())
+
+
+# --- wrk -----------------------------------------------------------------------------------
+
+
+def wrk_command(base: str, script: Path, data: Path, connections: int,
+                duration: float) -> list[str]:
+    return [*PIN["load"], "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
+            "-s", str(script), f"{base}/", "--", str(data)]
+
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}
+
+
+def parse_wrk(text: str) -> WrkResult:
+    def num(pattern: str) -> re.Match[str]:
+        found = re.search(pattern, text, re.MULTILINE)
+        if found is None:
+            raise ValueError(f"no {pattern!r} in wrk's output:\n{text}")
+        return found
+
+    def pct(p: int) -> float:
+        found = num(rf"^\s+{p}%\s+([\d.]+)(us|ms|s|m|h)\s*$")
+        return float(found[1]) * _UNIT_MS[found[2]]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                     text)
+    errors = (int(non2xx[1]) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return WrkResult(float(num(r"^Requests/sec:\s+([\d.]+)")[1]), pct(50), pct(99),
+                     int(num(r"(\d+) requests in")[1]), errors, text)
+
+
+def run_wrk(base: str, script: Path, data: Path, connections: int, duration: float) -> WrkResult:
+    cmd = wrk_command(base, script, data, connections, duration)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return parse_wrk(done.stdout)
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def best(runs: Sequence[Run], server: str) -> Run:
+    return max((r for r in runs if r.server == server), key=lambda r: r.wrk.rate)
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "?")
+    return (f"nproc {os.cpu_count()}, {model}, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}")
+
+
+def versions() -> str:
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    redis_v = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
+                             check=False)
+    wrk_v = re.search(r"wrk (\S+)", wrk.stdout + wrk.stderr)
+    redis_m = re.search(r"v=(\S+)", redis_v.stdout)
+    return (f"uvicorn {version('uvicorn')}, uvloop {version('uvloop')}, "
+            f"httptools {version('httptools')}, starlette {version('starlette')}, "
+            f"redis-server {redis_m[1] if redis_m else '?'}, wrk {wrk_v[1] if wrk_v else '?'}")
+
+
+def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
+           window: int) -> str:
+    ours, bare = best(runs, "ours"), best(runs, "bare")
+    ratio = ours.wrk.rate / bare.wrk.rate
+    order = ", ".join(r.server for r in runs)
+    rows = [
+        "| server | req/s | p50 | p99 | requests | errors | stored transitions | not stored |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        stored = "n/a | n/a" if run.stored is None else (
+            f"{run.stored:,} | {max(0, run.wrk.requests - run.stored):,}")
+        rows.append(
+            f"| {'receiver' if run.server == 'ours' else 'bare starlette'}"
+            f"{' **best**' if run in (ours, bare) else ''} | {run.wrk.rate:,.0f} | "
+            f"{run.wrk.p50_ms:.2f} ms | {run.wrk.p99_ms:.2f} ms | {run.wrk.requests:,} | "
+            f"{run.wrk.errors} | {stored} |"
+        )
+    wrapped = [r for r in runs if r.server == "ours" and r.wrk.requests > r.sent]
+    return "\n".join([
+        "## bench/ingest",
+        "",
+        "Callbacks per second through the receiver's full callback path (token check, "
+        "mjproxy dialect, one Redis transition script per callback) against a bare Starlette "
+        "endpoint that only reads the body (`bench/bare.py`), same uvicorn flags, same wrk "
+        "load. `make bench` (`.venv/bin/python -m bench.ingest`) regenerates this section.",
+        "",
+        f"- command: `.venv/bin/python -m bench.ingest --duration {args.duration:g} "
+        f"--connections {args.connections} --rounds {args.rounds} --warmup {args.warmup:g}"
+        f"{f' --jobs {args.jobs}' if args.jobs else ''}`",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
+        f"- machine: {machine()}",
+        f"- software: {versions()}",
+        f"- server: `python -m uvicorn <app> --factory --host {HOST} --port P "
+        f"{' '.join(UVICORN_FLAGS)}` with `<app>` = `{OURS_APP}` (env REDIS_URL = a throwaway "
+        "local redis-server without persistence, RECEIVER_SECRET_KEYS random, no "
+        f"RECEIVER_API_KEYS) or `{BARE_APP}`",
+        f"- load: `wrk -t1 -c{args.connections} -d{args.duration:g}s --latency "
+        f"-s bench/results/ingest/callbacks.lua http://127.0.0.1:P/ -- <requests>`, each "
+        f"server warmed up for {args.warmup:g}s first; run order {order}; best of "
+        f"{args.rounds} per server",
+        f"- workload: {jobs_per_run:,} freshly minted mjproxy jobs per run x "
+        f"{CALLBACKS_PER_JOB} callbacks (IN_PROGRESS {PROGRESS_STEPS[0]}%..{PROGRESS_STEPS[-1]}% "
+        f"in {len(PROGRESS_STEPS)} steps, then SUCCESS with 9 buttons), {window} jobs "
+        "interleaved at a time; the bare server gets the same paths and bodies",
+        "",
+        *rows,
+        "",
+        f"**ours / bare = {ratio:.1%}** (best {ours.wrk.rate:,.0f} vs {bare.wrk.rate:,.0f} "
+        f"req/s; goal >= 50%: {'met' if ratio >= 0.5 else 'NOT met'}). "
+        f"p50 {ours.wrk.p50_ms:.2f} vs {bare.wrk.p50_ms:.2f} ms, "
+        f"p99 {ours.wrk.p99_ms:.2f} vs {bare.wrk.p99_ms:.2f} ms.",
+        "Stored transitions are counted in Redis afterwards (each job's history length, "
+        "less its created event); "
+        "\"not stored\" = requests answered as duplicate or stale (the up to "
+        f"{args.connections} requests in flight when wrk stops may be stored uncounted). "
+        "Both servers are single uvicorn processes on the same machine as wrk; ours also "
+        "shares the CPUs with redis-server.",
+        *(["", "Warning: some answers were errors (non-2xx or socket errors); see "
+           "bench/results/ingest/."] if any(r.wrk.errors for r in runs) else []),
+        *(["", "Warning: the request list wrapped around in a run, so its second pass was "
+           "duplicates; raise --jobs."] if wrapped else []),
+        "",
+    ])
+
+
+def write_markdown(section: str, path: Path) -> None:
+    """Replace the ``## bench/ingest`` section of ``path`` (or add it), keep the rest."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    start = text.find("## bench/ingest")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        following = re.search(r"^## ", text[start + 3:], re.MULTILINE)
+        end = start + 3 + following.start() if following else len(text)
+        text = text[:start] + section + ("\n" + text[end:] if following else "")
+    path.write_text(text)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace, bases: dict[str, str], client: redis.Redis,
+            tmp: Path, script: Path, out_dir: Path) -> tuple[list[Run], int, int]:
+    """Warm up both servers, then alternate measured runs; (runs, jobs per run, window)."""
+    window = max(256, 4 * args.connections)
+    next_id = int(time.time() * 1e6)  # provider task ids: distinct numeric strings
+
+    def prepare(count: int, name: str) -> tuple[list[tuple[str, str]], Path, int]:
+        nonlocal next_id
+        print(f"minting {count:,} callback URLs for {name}", flush=True)
+        jobs = uvloop.run(mint(bases["ours"], count))
+        requests = interleave(jobs, next_id, min(window, count))
+        next_id += count
+        return jobs, write_requests(tmp / f"{name}.txt", requests), len(requests)
+
+    _, warm_file, _ = prepare(max(1000, window), "warm-up")
+    warm: dict[str, WrkResult] = {}
+    for server in ("ours", "bare"):
+        print(f"warm-up {server} {args.warmup:g}s", flush=True)
+        warm[server] = run_wrk(bases[server], script, warm_file, args.connections, args.warmup)
+    # Enough fresh jobs that the measured window is stored transitions, not a second lap.
+    jobs_per_run = args.jobs or max(
+        500, math.ceil(warm["ours"].rate * args.duration * 1.6 / CALLBACKS_PER_JOB))
+
+    runs: list[Run] = []
+    for k in range(args.rounds):
+        jobs, data, size = prepare(jobs_per_run, f"round {k + 1}")
+        for server in ("ours", "bare") if k % 2 == 0 else ("bare", "ours"):
+            result = run_wrk(bases[server], script, data, args.connections, args.duration)
+            stored = stored_transitions(client, jobs) if server == "ours" else None
+            runs.append(Run(server, result, size, stored))
+            (out_dir / f"wrk-{len(runs)}-{server}.txt").write_text(result.output)
+            print(f"  {server}: {result.rate:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
+                  f"p99 {result.p99_ms:.2f} ms, {result.requests:,} requests"
+                  + (f", {stored:,} stored" if stored is not None else ""), flush=True)
+    return runs, jobs_per_run, min(window, jobs_per_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.ingest", description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=8, help="seconds per measured run")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="fresh jobs (x11 callbacks) per measured run; default: enough "
+                        "for the warm-up rate over --duration, plus 60%%")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measured runs per server, alternating; the best counts")
+    parser.add_argument("--warmup", type=float, default=2, help="seconds of warm-up per server")
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin uvicorn to CPU 0, wrk and redis-server to CPU 1")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench.ingest: wrk is not installed (`make bench` installs it)", file=sys.stderr)
+        return 2
+
+    out_dir = ROOT / "bench" / "results" / "ingest"  # raw wrk output; git-ignored
+    out_dir.mkdir(parents=True, exist_ok=True)
+    script = out_dir / "callbacks.lua"
+    script.write_text(WRK_SCRIPT)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp_name:
+        tmp = Path(tmp_name)
+        store = RedisServer(data_dir=tmp / "redis", persist=False).start()
+        if args.pin:
+            PIN.update(server=["taskset", "-c", "0"], load=["taskset", "-c", "1"])
+            assert store.process is not None
+            os.sched_setaffinity(store.process.pid, {1})
+        client = redis.Redis.from_url(store.url)
+        try:
+            env = {**os.environ, "REDIS_URL": store.url,
+                   "RECEIVER_SECRET_KEYS": secrets.token_urlsafe(32),
+                   "RECEIVER_API_KEYS": "", "PUBLIC_BASE_URL": "",
+                   "REDIS_PREFIX": DEFAULT_PREFIX}
+            with uvicorn_server(OURS_APP, env, tmp / "ours.log") as ours, \
+                    uvicorn_server(BARE_APP, env, tmp / "bare.log") as bare:
+                runs, jobs_per_run, window = measure(
+                    args, {"ours": ours, "bare": bare}, client, tmp, script, out_dir)
+        finally:
+            client.close()
+            store.stop()
+
+    section = report(runs, args, jobs_per_run, window)
+    print()
+    print(section)
+    if not args.no_write:
+        write_markdown(section, ROOT / "BENCHMARKS.md")
+        print(f"written to {ROOT / 'BENCHMARKS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
