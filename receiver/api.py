@@ -15,7 +15,7 @@ from receiver.dialects import DIALECTS
 from receiver.errors import BadRequest, NotFound, StoreUnavailable
 from receiver.models import TaskStatus, new_job_id
 from receiver.services import services
-from receiver.tokens import CallbackClaims
+from receiver.tokens import CallbackClaims, SubscribeClaims
 
 MAX_PAGE = 200
 
@@ -58,6 +58,27 @@ async def create_callback_url(request: Request) -> Response:
             orjson.dumps(f"{base}/callbacks/{provider}?token={token}"),
             outcome.data,
         ),
+        status_code=201,
+    )
+
+
+async def create_subscribe_token(request: Request) -> Response:
+    """A short-lived token for ``?token=`` on the SSE routes (an EventSource cannot send an
+    Authorization header): for every task of the tenant, or for one (``task_id``)."""
+    tenant = authenticate(request)
+    svc = services(request)
+    body = await _json_object(request, svc.settings.max_body_bytes)
+    task_id = body.get("task_id")
+    if task_id is not None:
+        if not isinstance(task_id, str) or not JOB_ID_RE.match(task_id):
+            raise BadRequest("'task_id' must be a task id")
+        if await svc.store.get(tenant, task_id) is None:
+            raise TaskNotFound(f"no task {task_id!r} for this tenant")
+    token = svc.signer.mint_subscribe(SubscribeClaims(tenant, task_id))
+    path = f"/tasks/{task_id}/events" if task_id else "/events"
+    return JSONResponse(
+        {"token": token, "expires_in": svc.settings.subscribe_token_ttl,
+         "events_url": f"{path}?token={token}"},
         status_code=201,
     )
 

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver import api
+from receiver import api, sse
 from receiver.api import JSONResponse
 from receiver.callbacks import CallbackEndpoint, CallbackFastPath, ExceptionHandler
 from receiver.errors import ReceiverError, StoreUnavailable
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 "with this process"
             )
         app.state.services = svc = Services.build(settings)
+        await svc.start()
         # What exists now lives as long as the process: keep it out of every GC pass (about a
         # tenth of a callback's CPU, measured).
         gc.freeze()
@@ -58,6 +59,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/callback-urls", api.create_callback_url, methods=["POST"]),
             Route("/tasks", api.list_tasks, methods=["GET"]),
             Route("/tasks/{job_id}", api.get_task, methods=["GET"]),
+            Route("/tasks/{job_id}/events", sse.task_events, methods=["GET"]),
+            Route("/events", sse.tenant_events, methods=["GET"]),
+            Route("/subscribe-tokens", api.create_subscribe_token, methods=["POST"]),
             Route("/healthz", api.healthz, methods=["GET"]),
             Route("/readyz", api.readyz, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),

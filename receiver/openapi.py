@@ -34,6 +34,18 @@ _TENANT_ERRORS = {
     "503": _error("Redis is unavailable"),
 }
 
+_SSE_PARAMETERS = [
+    {"name": "token", "in": "query", "schema": {"type": "string"},
+     "description": "a subscribe token, instead of the Authorization header"},
+    {"name": "last_event_id", "in": "query", "schema": {"type": "string"},
+     "description": "resume after this event (or send the Last-Event-ID header)"},
+    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+]
+_SSE_OK = {
+    "description": "text/event-stream: id = event id, event = kind, data = the task (Task)",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
 SCHEMA: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
@@ -105,6 +117,15 @@ SCHEMA: dict[str, Any] = {
                     "job_id": {"type": "string"},
                     "callback_url": {"type": "string"},
                     "task": {"$ref": "#/components/schemas/Task"},
+                },
+            },
+            "SubscribeToken": {
+                "type": "object",
+                "required": ["token", "expires_in", "events_url"],
+                "properties": {
+                    "token": {"type": "string"},
+                    "expires_in": {"type": "integer"},
+                    "events_url": {"type": "string"},
                 },
             },
             "CallbackResult": {
@@ -196,6 +217,54 @@ SCHEMA: dict[str, Any] = {
                                 "schema": {"type": "string"}}],
                 "responses": {
                     "200": _ok("The task", "Task"),
+                    "404": _error("No such task for this tenant"),
+                    **_TENANT_ERRORS,
+                },
+            }
+        },
+        "/tasks/{job_id}/events": {
+            "get": {
+                "summary": "Server-Sent Events of one task; ends after its terminal event",
+                "security": [{"bearer": []}],
+                "parameters": [
+                    {"name": "job_id", "in": "path", "required": True,
+                     "schema": {"type": "string"}},
+                    *_SSE_PARAMETERS,
+                ],
+                "responses": {
+                    "200": _SSE_OK,
+                    "400": _error("Bad Last-Event-ID"),
+                    "404": _error("No such task for this tenant"),
+                    **_TENANT_ERRORS,
+                },
+            }
+        },
+        "/events": {
+            "get": {
+                "summary": "Server-Sent Events of every task of the tenant",
+                "security": [{"bearer": []}],
+                "parameters": _SSE_PARAMETERS,
+                "responses": {
+                    "200": _SSE_OK,
+                    "400": _error("Bad Last-Event-ID"),
+                    **_TENANT_ERRORS,
+                },
+            }
+        },
+        "/subscribe-tokens": {
+            "post": {
+                "summary": "A short-lived token for ?token= on the event routes",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": {
+                        "type": "object",
+                        "properties": {"task_id": {"type": "string"}},
+                    }}},
+                },
+                "responses": {
+                    "201": _ok("The token and the events URL to use it on", "SubscribeToken"),
+                    "400": _error("Bad request body"),
                     "404": _error("No such task for this tenant"),
                     **_TENANT_ERRORS,
                 },

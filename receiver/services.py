@@ -11,6 +11,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 from starlette.requests import Request
 
 from receiver.batcher import ScriptBatcher
+from receiver.events import EventHub
 from receiver.settings import Settings
 from receiver.store import TRANSITION, TaskStore
 from receiver.tokens import TokenSigner
@@ -22,6 +23,7 @@ class Services:
     redis: Redis
     store: TaskStore
     signer: TokenSigner
+    hub: EventHub
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -29,14 +31,21 @@ class Services:
             raise RuntimeError("REDIS_URL is not set (`receiver serve` starts a Redis itself)")
         redis = connect(settings.redis_url, settings.redis_timeout)
         batcher = ScriptBatcher(settings.redis_url, TRANSITION, settings.redis_timeout)
+        store = TaskStore(redis, batcher, settings)
         return cls(
             settings=settings,
             redis=redis,
-            store=TaskStore(redis, batcher, settings),
-            signer=TokenSigner(settings.signing_keys(), settings.callback_token_ttl),
+            store=store,
+            signer=TokenSigner(settings.signing_keys(), settings.callback_token_ttl,
+                               settings.subscribe_token_ttl),
+            hub=EventHub(redis, store.keys, settings.sse_queue_limit),
         )
 
+    async def start(self) -> None:
+        await self.hub.start()
+
     async def close(self) -> None:
+        await self.hub.close()  # ends every SSE stream of this process
         await self.store.close()
         await self.redis.aclose()
 

@@ -39,6 +39,15 @@ class Settings:
     tenant_stream_maxlen: int = 100_000
     task_history_maxlen: int = 1_000
     redis_timeout: float = 5.0
+    subscribe_token_ttl: int = 3600
+    # SSE: events a client may fall behind before it is cut off; keep-alive ping; the
+    # reconnect delay suggested to clients; the longest a send may block; how many tasks'
+    # snapshots a resume from a forgotten id gets.
+    sse_queue_limit: int = 1000
+    sse_ping: float = 15.0
+    sse_retry_ms: int = 2000
+    sse_send_timeout: float = 30.0
+    sse_snapshot_limit: int = 200
 
     @classmethod
     def from_env(cls, config: Config | None = None) -> Settings:
@@ -60,6 +69,12 @@ class Settings:
             tenant_stream_maxlen=config("TENANT_STREAM_MAXLEN", cast=int, default=100_000),
             task_history_maxlen=config("TASK_HISTORY_MAXLEN", cast=int, default=1_000),
             redis_timeout=config("REDIS_TIMEOUT", cast=float, default=5.0),
+            subscribe_token_ttl=config("SUBSCRIBE_TOKEN_TTL", cast=int, default=3600),
+            sse_queue_limit=config("SSE_QUEUE_LIMIT", cast=int, default=1000),
+            sse_ping=config("SSE_PING_SECONDS", cast=float, default=15.0),
+            sse_retry_ms=config("SSE_RETRY_MS", cast=int, default=2000),
+            sse_send_timeout=config("SSE_SEND_TIMEOUT", cast=float, default=30.0),
+            sse_snapshot_limit=config("SSE_SNAPSHOT_LIMIT", cast=int, default=200),
         )
 
     @property

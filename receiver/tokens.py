@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from receiver.constants import CALLBACK_SALT, JOB_ID_RE, TENANT_RE
+from receiver.constants import CALLBACK_SALT, JOB_ID_RE, SUBSCRIBE_SALT, TENANT_RE
 from receiver.errors import Forbidden, Unauthorized
 
 
@@ -46,6 +46,12 @@ class WrongJob(Forbidden):
     code = "wrong_job"
 
 
+class SubscribeClaims(NamedTuple):
+    tenant: str
+    # None: every task of the tenant
+    task_id: str | None
+
+
 class CallbackClaims(NamedTuple):
     job_id: str
     tenant: str
@@ -59,12 +65,19 @@ class TokenSigner:
     still checked on every use.
     """
 
-    def __init__(self, keys: list[str], callback_ttl: int, cache_size: int = 10_000) -> None:
+    def __init__(
+        self, keys: list[str], callback_ttl: int, subscribe_ttl: int = 3600,
+        cache_size: int = 10_000,
+    ) -> None:
         if not keys:
             raise ValueError("at least one secret key is needed")
         self.callback_ttl = callback_ttl
+        self.subscribe_ttl = subscribe_ttl
         self._callback = URLSafeTimedSerializer(
             keys, salt=CALLBACK_SALT, signer_kwargs={"digest_method": hashlib.sha256}
+        )
+        self._subscribe = URLSafeTimedSerializer(
+            keys, salt=SUBSCRIBE_SALT, signer_kwargs={"digest_method": hashlib.sha256}
         )
         self._cache: dict[str, tuple[CallbackClaims, float]] = {}
         self._cache_size = cache_size
@@ -87,6 +100,24 @@ class TokenSigner:
         if claims.provider != provider:
             raise WrongProvider(f"the token is for provider {claims.provider!r}, not {provider!r}")
         return claims
+
+    def mint_subscribe(self, claims: SubscribeClaims) -> str:
+        return self._subscribe.dumps({"t": claims.tenant, "k": claims.task_id})
+
+    def verify_subscribe(self, token: str) -> SubscribeClaims:
+        """A subscribe token's claims; short-lived, so not cached."""
+        try:
+            payload = self._subscribe.loads(token, max_age=self.subscribe_ttl)
+        except SignatureExpired as exc:
+            raise ExpiredToken("the subscribe token has expired") from exc
+        except BadSignature as exc:
+            raise BadToken("the subscribe token is not valid") from exc
+        tenant, task = (payload.get("t"), payload.get("k")) if isinstance(payload, dict) else (
+            None, None)
+        if not (isinstance(tenant, str) and TENANT_RE.match(tenant)
+                and (task is None or (isinstance(task, str) and JOB_ID_RE.match(task)))):
+            raise BadToken("the subscribe token is not valid")
+        return SubscribeClaims(tenant, task)
 
     def _verify(self, token: str) -> tuple[CallbackClaims, float]:
         try:
