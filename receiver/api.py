@@ -46,7 +46,11 @@ async def create_callback_url(request: Request) -> Response:
         if value is not None:
             if not isinstance(value, str) or len(value) > 8192:
                 raise BadRequest(f"{name!r} must be a string")
-            fields[name] = value.upper() if name in ("action", "mode") else value
+            if name in ("action", "mode", "provider_task_id"):
+                value = value.strip().upper() if name != "provider_task_id" else value.strip()
+                if not value:
+                    raise BadRequest(f"{name!r} must not be empty")
+            fields[name] = value
     claims = CallbackClaims(new_job_id(), tenant, provider)
     outcome = await svc.store.create(claims, **fields)
     token = svc.signer.mint_callback(claims)

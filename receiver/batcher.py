@@ -35,6 +35,7 @@ class _RespProtocol(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.replies = 0  # how many have arrived: the watchdog's sign of life
+        self.watchdog: asyncio.TimerHandle | None = None
 
     @property
     def alive(self) -> bool:
@@ -58,6 +59,9 @@ class _RespProtocol(asyncio.Protocol):
         self.abort(RedisConnectionError(f"lost the connection to Redis: {exc or 'closed'}"))
 
     def abort(self, error: Exception) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
@@ -85,7 +89,6 @@ class ScriptBatcher:
         self._buffer: list[bytes] = []
         self._futures: list[asyncio.Future[Any]] = []
         self._flush_scheduled = False
-        self._watchdog: asyncio.TimerHandle | None = None
 
     async def call(self, keys: list[bytes], args: list[Arg]) -> Any:
         """Run the script once; raises redis errors (connection ones included)."""
@@ -137,14 +140,15 @@ class ScriptBatcher:
                     future.set_exception(error)
             return
         proto.send(data, futures)
-        if self._watchdog is None:
+        if proto.watchdog is None:
             self._arm_watchdog(proto)
 
     def _arm_watchdog(self, proto: _RespProtocol) -> None:
+        """Each connection has its own: a silent one fails its calls within ~2 timeouts."""
         seen = proto.replies
 
         def check() -> None:
-            self._watchdog = None
+            proto.watchdog = None
             if not proto.waiting:
                 return
             if proto.replies == seen:
@@ -152,7 +156,7 @@ class ScriptBatcher:
             else:
                 self._arm_watchdog(proto)
 
-        self._watchdog = asyncio.get_running_loop().call_later(self.timeout, check)
+        proto.watchdog = asyncio.get_running_loop().call_later(self.timeout, check)
 
     async def _connect(self) -> None:
         async with self._connecting:
@@ -187,6 +191,9 @@ class ScriptBatcher:
             except TimeoutError as exc:
                 proto.abort(RedisTimeoutError("Redis did not answer the handshake"))
                 raise RedisTimeoutError("Redis did not answer the handshake") from exc
+            except BaseException:  # cancelled: this connection would be nobody's
+                proto.abort(RedisConnectionError("handshake abandoned"))
+                raise
             for reply in replies:
                 if isinstance(reply, hiredis.ReplyError):
                     proto.abort(RedisConnectionError(str(reply)))

@@ -16,8 +16,9 @@ DEFAULT_PREFIX = "receiver"
 CALLBACK_SALT = "receiver.callback.v1"
 SUBSCRIBE_SALT = "receiver.subscribe.v1"
 
-TENANT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-JOB_ID_RE = re.compile(r"^[0-9a-f]{20}$")
+# \Z, not $: "$" also matches before a final newline, and these go into JSON quotes.
+TENANT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+JOB_ID_RE = re.compile(r"^[0-9a-f]{20}\Z")
 
 # The canonical task, in the order it is serialised. Stored as one Redis hash per task whose
 # values are JSON texts, so the Lua script can assemble the snapshot without a JSON library.

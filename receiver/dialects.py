@@ -7,6 +7,7 @@ canonical task does not name is still stored, since the raw body goes into the h
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from functools import lru_cache
@@ -171,7 +172,8 @@ def _upper(value: Any) -> str | None:
 
 def _progress(value: Any) -> int | None:
     """``"45%"``, ``45`` or ``"45"`` -> 45; ``""`` or nonsense -> None (keep the stored)."""
-    if isinstance(value, str) and value[:-1].isdigit() and value[-1] == "%":
+    if isinstance(value, str) and value[:-1].isascii() and value[:-1].isdigit() \
+            and value[-1] == "%":
         return min(100, int(value[:-1]))  # the usual "45%"
     if isinstance(value, bool) or value is None:
         return None
@@ -184,7 +186,7 @@ def _progress(value: Any) -> int | None:
             return None
     else:
         return None
-    if number != number:  # NaN
+    if not math.isfinite(number):
         return None
     return max(0, min(100, int(number)))
 

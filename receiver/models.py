@@ -101,12 +101,15 @@ class Update:
     def fields(self) -> dict[str, Any]:
         """The canonical fields this update sets (those it has a value for)."""
         out: dict[str, Any] = {"status": self.status.value}
-        if self.status is TaskStatus.SUCCESS and self.progress is None:
-            out["progress"] = 100
+        if self.status is TaskStatus.SUCCESS:
+            # also over an inferred failure this replaces: its reason no longer holds
+            out.update(progress=100, fail_reason=None)
         for name in UPDATE_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.status.terminal and self.finished_at is None:
+            out["finished_at"] = now_iso()
         return out
 
 
@@ -118,9 +121,15 @@ UPDATE_FIELDS = (
 )
 
 
-def iso(dt: datetime) -> str:
-    """ISO 8601 UTC with milliseconds and a ``Z``: one format for every time we emit."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+def iso(dt: datetime) -> str | None:
+    """ISO 8601 UTC with milliseconds and a ``Z``: one format for every time we emit. None for
+    a time that has no UTC form (year 1 in UTC+8, say)."""
+    try:
+        utc = dt.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None
+    return (f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
+            f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z")
 
 
 def now_ms() -> int:
@@ -131,7 +140,7 @@ def now_iso() -> str:
     """Formatted at most once per millisecond: every callback asks for it."""
     ms = now_ms()
     if ms != _now[0]:
-        _now[:] = [ms, iso(datetime.fromtimestamp(ms / 1000, UTC))]
+        _now[:] = [ms, str(iso(datetime.fromtimestamp(ms / 1000, UTC)))]
     return str(_now[1])
 
 

@@ -31,8 +31,18 @@ def test_public_base_url_is_used(make_server: Callable[..., LiveServer], r: redi
     assert url.startswith("https://hooks.example.com/callbacks/mjproxy?token=")
 
 
+def test_provider_task_id_given_at_mint_binds_the_job(acme: httpx.Client) -> None:
+    job, url = mint(acme, provider_task_id=" 42 ")
+    assert acme.get(f"/tasks/{job}").json()["provider_task_id"] == "42"
+    ok = acme.post(url, content=b'{"id": 42, "status": "SUCCESS"}')
+    assert ok.json()["result"] == "stored"
+    job, url = mint(acme, provider_task_id="42")
+    assert acme.post(url, content=b'{"id": 43, "status": "SUCCESS"}').status_code == 403
+
+
 def test_callback_url_bad_requests(acme: httpx.Client) -> None:
-    for body in ({"provider": "nope"}, {}, {"provider": "mjproxy", "prompt": 5}):
+    for body in ({"provider": "nope"}, {}, {"provider": "mjproxy", "prompt": 5},
+                 {"provider": "mjproxy", "provider_task_id": "  "}):
         answer = acme.post("/callback-urls", json=body)
         assert answer.status_code == 400, body
         assert answer.json()["error"] == "bad_request"

@@ -155,14 +155,57 @@ def test_arbitrary_bytes_give_an_update_or_invalid_payload(body: bytes) -> None:
         assert update.provider_task_id
 
 
-@given(st.dictionaries(
-    st.sampled_from(["id", "taskId", "task_id", "status", "progress", "imageUrl", "buttons",
-                     "actions", "submitTime", "submit_time", "data", "properties", "point"]),
+ANY_VALUE = (
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-    | st.lists(st.integers(), max_size=3) | st.dictionaries(st.text(max_size=5), st.integers()),
-))
-def test_arbitrary_json_objects_never_crash_a_parser(doc: dict[str, object]) -> None:
-    body = json.dumps(doc).encode()
-    for provider in DIALECTS:
+    | st.lists(st.integers() | st.text(max_size=5) | st.dictionaries(
+        st.sampled_from(["customId", "label", "emoji", "url"]), st.text(max_size=5)), max_size=3)
+    | st.dictionaries(st.text(max_size=5), st.integers())
+)
+FIELDS = ["progress", "imageUrl", "imageUrls", "buttons", "actions", "submitTime", "startTime",
+          "finishTime", "submit_time", "finish_time", "properties", "point", "failReason",
+          "fail_reason", "message", "imageDcUrl", "imageS3Url", "image_url", "taskType",
+          "prompt", "action"]
+
+
+@given(
+    st.sampled_from([s.value for s in TaskStatus] + ["in_progress", " success "]),
+    st.integers(0, 2**80) | st.text(min_size=1, max_size=30),
+    st.dictionaries(st.sampled_from(FIELDS), ANY_VALUE),
+    st.booleans(),
+)
+def test_any_field_values_give_an_update_or_a_400(
+    status: str, task_id: object, fields: dict[str, object], wrap: bool
+) -> None:
+    """Past the status and id, every other field may be anything: never a 500."""
+    for provider, key in (("mjproxy", "id"), ("ohmygpt", "taskId"), ("aigc2d", "task_id")):
+        doc: dict[str, object] = {**fields, "status": status, key: task_id}
+        body = json.dumps({"data": doc} if wrap and provider == "ohmygpt" else doc).encode()
         with contextlib.suppress(InvalidPayload):
-            parse(provider, body)
+            update = parse(provider, body)
+            assert update.progress is None or 0 <= update.progress <= 100
+            update.fields()
+
+
+@pytest.mark.parametrize(
+    ("provider", "extra"),
+    [
+        ("mjproxy", {"progress": "²%"}),
+        ("mjproxy", {"progress": "1e999"}),
+        ("mjproxy", {"progress": "-inf"}),
+        ("mjproxy", {"submitTime": 10**30}),
+        ("ohmygpt", {"submitTime": "0001-01-01T00:00:00+01:00"}),
+        ("ohmygpt", {"finishTime": "9999-12-31T23:59:59-01:00"}),
+        ("aigc2d", {"submit_time": "0001-01-01 00:00:00"}),
+    ],
+)
+def test_values_out_of_range_are_dropped_not_a_crash(
+    provider: str, extra: dict[str, object]
+) -> None:
+    key = {"mjproxy": "id", "ohmygpt": "taskId", "aigc2d": "task_id"}[provider]
+    update = parse(provider, json.dumps({key: 1, "status": "IN_PROGRESS", **extra}).encode())
+    assert (update.progress, update.submitted_at, update.finished_at) == (None, None, None)
+
+
+def test_years_before_1000_are_zero_padded() -> None:
+    body = b'{"task_id": 1, "status": "SUCCESS", "submit_time": "0999-01-01 08:00:00"}'
+    assert parse_aigc2d(body).submitted_at == "0999-01-01T00:00:00.000Z"
