@@ -24,8 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--port", type=int, help="port to bind (PORT)")
     serve_cmd.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve_cmd.add_argument("--no-access-log", action="store_true", help="no request lines")
+    watch_cmd = commands.add_parser("watch", help="live progress bars of tasks")
+    watch_cmd.add_argument("task_id", nargs="?", help="one task (else every task)")
+    watch_cmd.add_argument("--url", default=os.environ.get("RECEIVER_URL"),
+                           help="the service (RECEIVER_URL; default http://127.0.0.1:PORT)")
+    watch_cmd.add_argument("--api-key", default=os.environ.get("RECEIVER_API_KEY"),
+                           help="your API key (RECEIVER_API_KEY)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "watch":
+        from receiver.watch import watch
+
+        url = args.url or f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
+        return watch(url, args.api_key, args.task_id)
     try:
         return serve(args)
     except (SettingsError, RedisServerError) as exc:

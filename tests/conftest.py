@@ -39,12 +39,12 @@ TIMEOUT = httpx.Timeout(10.0)
 class LiveServer:
     """A real uvicorn serving the app on a loopback port, in a thread of the test process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, port: int | None = None) -> None:
         self.settings = settings
-        self.port = free_port()
+        self.port = port or free_port()
         config = uvicorn.Config(
             create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
-            lifespan="on",
+            lifespan="on", timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
