@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 
+from redis.exceptions import ResponseError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 
@@ -123,13 +124,18 @@ async def _history(
 
 
 async def _older_than_retained(svc: Services, stream: str, last: str) -> bool:
+    """Whether events after ``last`` may have been trimmed away. (MAXLEN trimming leaves
+    max-deleted-entry-id alone, so: were entries removed, and is ``last`` before the first
+    one kept?)"""
     try:
         info = await svc.redis.xinfo_stream(stream)
-    except Exception:  # no such stream: nothing was ever trimmed from it
+    except ResponseError:  # no such stream: nothing was ever trimmed from it
         return False
-    deleted = info.get("max-deleted-entry-id")
-    deleted_id = deleted.decode() if isinstance(deleted, bytes) else str(deleted or "0-0")
-    return event_key(last) < event_key(deleted_id)
+    if int(info.get("entries-added", 0)) <= int(info["length"]):
+        return False
+    first = info.get("first-entry")
+    first_id = first[0].decode() if first else info["last-generated-id"].decode()
+    return event_key(last) < event_key(first_id)
 
 
 async def _snapshots(svc: Services, tenant: str, task_id: str | None) -> AsyncIterator[Event]:

@@ -17,6 +17,7 @@ from httpx_sse import connect_sse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from receiver.events import event_key
 from receiver.redis_server import RedisServer
 from tests.conftest import KEYS, TIMEOUT, LiveServer, base_settings, mint
 
@@ -129,24 +130,19 @@ def test_tenant_stream_resumes_across_forced_disconnects(
     start_id = stored_ids(r, KEYS.stream("acme"))[-1]
     received = read_with_drops(server, start_id, drops=[1, 2, 5],
                                post=lambda: [acme.post(url, content=progress(j, p))
-                                             for p in range(1, 8) for j, url in jobs])
+                                             for p in range(1, 8) for j, url in jobs],
+                               expected=21)
     assert received == stored_ids(r, KEYS.stream("acme"), after=start_id)
 
 
 def read_with_drops(server: LiveServer, start_id: str, drops: list[int],
-                    post: Callable[[], object]) -> list[str]:
+                    post: Callable[[], object], expected: int) -> list[str]:
     """Read /events from ``start_id`` while ``post`` runs, hanging up after each count in
-    ``drops`` and resuming with Last-Event-ID; until the stream's last id is read."""
-    r = redis.Redis(port=int(server.settings.redis_url.rsplit(":", 1)[1].split("/")[0]))
-    done = threading.Event()
-
-    def posting() -> None:
-        post()
-        done.set()
-
+    ``drops`` and resuming with Last-Event-ID, until ``expected`` events are read (a missing
+    one times out; a duplicate fails the caller's comparison)."""
     received: list[str] = []
     last = start_id
-    poster = threading.Thread(target=posting, daemon=True)
+    poster = threading.Thread(target=post, daemon=True)
     poster.start()
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
         for budget in [*drops, 10**9]:
@@ -158,8 +154,8 @@ def read_with_drops(server: LiveServer, start_id: str, drops: list[int],
                         continue
                     received.append(sse.id)
                     last, count = sse.id, count + 1
-                    if done.is_set() and last == stored_ids(r, KEYS.stream("acme"))[-1]:
-                        r.close()
+                    if len(received) == expected:
+                        poster.join(10)
                         return received
                     if count >= budget:
                         break  # hang up mid-stream
@@ -195,7 +191,7 @@ def test_resume_after_random_disconnects_yields_exactly_the_stored_sequence(
         for j, url in jobs:
             acme.post(url, content=success(j))
 
-    received = read_with_drops(server, start_id, drops, post)
+    received = read_with_drops(server, start_id, drops, post, expected=tasks * (steps + 1))
     assert received == stored_ids(r, KEYS.stream("acme"), after=start_id)
     assert len(received) == tasks * (steps + 1)
 
@@ -339,3 +335,26 @@ def test_consumer_group_redelivers_unacknowledged_events(
         await client.aclose()
 
     asyncio.run(main())
+
+
+def test_an_id_older_than_the_stream_holds_gets_current_snapshots_first(
+    make_server: Callable[..., LiveServer], r: redis.Redis
+) -> None:
+    server = make_server(tenant_stream_maxlen=10)  # trimmed in whole nodes of ~100 entries
+    with server.client("key-acme") as acme:
+        jobs = [mint(acme) for _ in range(4)]
+        first_id = stored_ids(r, KEYS.stream("acme"))[0]
+        for pct in range(1, 80):
+            for _, url in jobs:
+                acme.post(url, content=progress("p", pct))
+        assert stored_ids(r, KEYS.stream("acme"))[0] != first_id, "nothing was trimmed"
+        latest = [r.xrevrange(KEYS.history("acme", j), count=1)[0][0].decode() for j, _ in jobs]
+        reader = start(Reader(server, "/events", {**ACME, "Last-Event-ID": first_id},
+                              limit=5))
+        job, url = jobs[0]
+        acme.post(url, content=success("p"))
+        events = reader.wait().events
+    # each task as it was (its latest event), oldest first; then the live event
+    assert [e.id for e in events[:4]] == sorted(latest, key=event_key)
+    assert [orjson.loads(e.data)["progress"] for e in events[:4]] == [79] * 4
+    assert (events[4].event, orjson.loads(events[4].data)["id"]) == ("task.succeeded", job)
