@@ -21,10 +21,11 @@ import orjson
 from redis.asyncio import Redis
 
 from receiver.constants import Keys
+from receiver.models import EVENT_OF_STATUS, TaskStatus
 
 log = logging.getLogger(__name__)
 
-TERMINAL_EVENTS = frozenset({"task.succeeded", "task.failed", "task.canceled"})
+TERMINAL_EVENTS = frozenset(EVENT_OF_STATUS[s].value for s in TaskStatus if s.terminal)
 
 
 def event_key(event_id: str) -> tuple[int, int]:

@@ -233,6 +233,8 @@ SCHEMA: dict[str, Any] = {
                 ],
                 "responses": {
                     "200": _SSE_OK,
+                    "204": {"description": "The task has ended and Last-Event-ID is its end: "
+                                           "nothing more will come (EventSource stops)"},
                     "400": _error("Bad Last-Event-ID"),
                     "404": _error("No such task for this tenant"),
                     **_TENANT_ERRORS,

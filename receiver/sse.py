@@ -12,18 +12,21 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 
+import orjson
 from redis.exceptions import ResponseError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
+from starlette.responses import Response
 
 from receiver.api import TaskNotFound
 from receiver.auth import authenticate
 from receiver.constants import JOB_ID_RE
 from receiver.errors import BadRequest, Forbidden
 from receiver.events import Event, event_key
+from receiver.models import TaskStatus
 from receiver.services import Services, services
 
-_EVENT_ID_RE = re.compile(r"^\d{1,15}-\d{1,15}$")
+_EVENT_ID_RE = re.compile(r"^\d{1,15}-\d{1,15}\Z")
 _CHUNK = 500  # stream entries read per round trip when replaying
 
 
@@ -31,13 +34,21 @@ class WrongTask(Forbidden):
     code = "wrong_task"
 
 
-async def task_events(request: Request) -> EventSourceResponse:
+async def task_events(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     tenant = authenticate_events(request, job_id)
     svc = services(request)
-    if not JOB_ID_RE.match(job_id) or await svc.store.get(tenant, job_id) is None:
+    task = await svc.store.get(tenant, job_id) if JOB_ID_RE.match(job_id) else None
+    if task is None:
         raise TaskNotFound(f"no task {job_id[:40]!r} for this tenant")
-    return _response(svc, _stream(svc, tenant, job_id, _last_event_id(request)))
+    last = _last_event_id(request)
+    if last and TaskStatus(orjson.loads(task)["status"]).terminal:
+        latest = await svc.redis.xrevrange(svc.store.keys.history(tenant, job_id), count=1)
+        if latest and event_key(last) >= event_key(latest[0][0].decode()):
+            # The client has seen the end (an EventSource reconnects by itself after every
+            # close); 204 is the standard way to tell it to stop.
+            return Response(status_code=204)
+    return _response(svc, _stream(svc, tenant, job_id, last))
 
 
 async def tenant_events(request: Request) -> EventSourceResponse:

@@ -103,6 +103,9 @@ def test_final_task_gets_its_snapshot_and_the_close_at_once(
     reader.start()
     reader.wait()
     assert reader.ended and [e.event for e in reader.events] == ["task.succeeded"]
+    # an EventSource reconnects after every close: having seen the end, it is told to stop
+    seen_end = {"Last-Event-ID": reader.events[-1].id}
+    assert acme.get(f"/tasks/{job}/events", headers=seen_end).status_code == 204
 
 
 def test_resume_with_header_or_query_gets_exactly_what_followed(
