@@ -22,7 +22,7 @@ from receiver.api import TaskNotFound
 from receiver.auth import authenticate
 from receiver.constants import JOB_ID_RE
 from receiver.errors import BadRequest, Forbidden
-from receiver.events import Event, event_key
+from receiver.events import Event, Subscription, event_key
 from receiver.models import TaskStatus
 from receiver.services import Services, services
 
@@ -94,23 +94,27 @@ async def _stream(
     async with svc.hub.subscribe(tenant, task_id) as sub:
         yield ServerSentEvent(comment="receiver", retry=svc.settings.sse_retry_ms)
         sent = event_key(last) if last else (0, 0)
-        async for event in _history(svc, tenant, task_id, last):
-            if event.key <= sent:
+        async for event in _chain(_history(svc, tenant, task_id, last), _live(sub)):
+            if event.key <= sent:  # the overlap of history and live
                 continue
             yield _sse(event)
             sent = event.key
             if task_id is not None and event.terminal:
                 return
-        while (live := await sub.get()) is not None:
-            if live.key <= sent:
-                continue
-            yield _sse(live)
-            sent = live.key
-            if task_id is not None and live.terminal:
-                return
         # Cut off (fell behind, or the live subscription dropped): the client's EventSource
         # reconnects with Last-Event-ID and replays what it missed.
         yield ServerSentEvent(comment="cut off: reconnect with Last-Event-ID")
+
+
+async def _live(sub: Subscription) -> AsyncIterator[Event]:
+    while (event := await sub.get()) is not None:
+        yield event
+
+
+async def _chain(*sources: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    for source in sources:
+        async for event in source:
+            yield event
 
 
 async def _history(
