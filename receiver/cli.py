@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     watch_cmd.add_argument("--api-key", default=os.environ.get("RECEIVER_API_KEY"),
                            help="your API key (RECEIVER_API_KEY)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    verbose = args.command == "serve"  # the others draw on the terminal: warnings only
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.command == "watch":
         from receiver.watch import watch
 
