@@ -30,10 +30,20 @@ def main(argv: list[str] | None = None) -> int:
                            help="the service (RECEIVER_URL; default http://127.0.0.1:PORT)")
     watch_cmd.add_argument("--api-key", default=os.environ.get("RECEIVER_API_KEY"),
                            help="your API key (RECEIVER_API_KEY)")
+    sim_cmd = commands.add_parser("simulate", help="play the providers (mjproxy, ohmygpt, "
+                                  "aigc2d) for local runs and tests")
+    sim_cmd.add_argument("--host", default="127.0.0.1", help="address to bind")
+    sim_cmd.add_argument("--port", type=int, default=8001, help="port to bind")
+    sim_cmd.add_argument("--step-interval", type=float, default=0.3,
+                         help="seconds between a task's states")
+    sim_cmd.add_argument("--queue-limit", type=int,
+                         help="unfinished tasks per key before the queue is full")
     args = parser.parse_args(argv)
     verbose = args.command == "serve"  # the others draw on the terminal: warnings only
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "simulate":
+        return simulate(args)
     if args.command == "watch":
         from receiver.watch import watch
 
@@ -76,6 +86,22 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+    return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from receiver.simulator import SimulatorConfig, create_simulator
+
+    if not is_loopback(args.host):
+        # It accepts any key and POSTs wherever a submission says.
+        log.warning("the simulator is open to %s: any key is accepted", args.host)
+    config = SimulatorConfig(step_interval=args.step_interval, queue_limit=args.queue_limit)
+    print(f"receiver: provider simulator on http://{args.host}:{args.port}/ "
+          "(faults: /_sim/faults, counters: /_sim/stats)", flush=True)
+    uvicorn.run(create_simulator(config), host=args.host, port=args.port,
+                timeout_graceful_shutdown=5)
     return 0
 
 

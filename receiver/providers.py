@@ -81,9 +81,10 @@ class ProviderDown(ProviderError):
 
 
 ACTIONS = ("IMAGINE", "UPSCALE", "VARIATION", "REROLL", "ZOOM", "PAN", "DESCRIBE", "BLEND")
-# A button's custom id names its action: MJ::JOB::upsample::1::<hash>, MJ::JOB::variation::2::…
-_BUTTON_ACTIONS = {"upsample": "UPSCALE", "variation": "VARIATION", "reroll": "REROLL",
-                   "outpaint": "ZOOM", "customzoom": "ZOOM", "pan_": "PAN"}
+# A button's custom id names its action somewhere in it: MJ::JOB::upsample::1::<hash>,
+# MJ::JOB::high_variation::1::…, MJ::Outpaint::50::1::…, MJ::CustomZoom::…, MJ::JOB::pan_left::…
+_BUTTON_MARKERS = (("upsample", "UPSCALE"), ("variation", "VARIATION"), ("reroll", "REROLL"),
+                   ("outpaint", "ZOOM"), ("customzoom", "ZOOM"), ("pan_", "PAN"))
 
 
 @dataclass(frozen=True)
@@ -98,16 +99,22 @@ class SubmitRequest:
     dimensions: str | None = None
 
 
+def button_action(custom_id: str) -> str | None:
+    """The action a button performs, from its custom id."""
+    lowered = custom_id.lower()
+    return next((action for marker, action in _BUTTON_MARKERS if marker in lowered), None)
+
+
 def find_button(buttons: list[dict[str, str]], action: str, index: int | None) -> str | None:
-    """The custom id of the parent's button for ``action`` (and ``index``), if it has one."""
+    """The custom id of the parent's button for ``action`` (and, for the grid's U1-U4 and
+    V1-V4, ``index``: MJ::JOB::upsample::<index>::…), if it has one."""
     for button in buttons:
-        parts = button["custom_id"].split("::")
-        kind = parts[2].lower() if len(parts) > 2 else ""
-        name = next((a for k, a in _BUTTON_ACTIONS.items() if kind.startswith(k)), None)
-        if name != action:
+        custom_id = button["custom_id"]
+        if button_action(custom_id) != action:
             continue
-        if index is None or (len(parts) > 3 and parts[3] == str(index)):
-            return button["custom_id"]
+        parts = custom_id.split("::")
+        if index is None or (len(parts) > 3 and parts[1] == "JOB" and parts[3] == str(index)):
+            return custom_id
     return None
 
 
@@ -182,19 +189,26 @@ def _require(request: SubmitRequest, provider: str) -> None:
 def _refusal(provider: str, message: str, request: SubmitRequest | None = None) -> ProviderError:
     """A provider's refusal, told by its message (the dialects without error codes)."""
     text = message.lower()
-    if "queue" in text or "队列" in text:
+    if ("queue" in text and ("full" in text or "limit" in text)) or "队列已满" in text:
         return QueueFull(f"{provider}: {message}", provider)
     if "banned" in text or "sensitive" in text or "敏感" in text:
         quoted = _QUOTED.search(message)
         return BannedPrompt(f"{provider}: {message}", provider, quoted[1] if quoted else None)
-    if "key" in text or "auth" in text:
+    if any(w in text for w in ("api key", "apikey", "invalid key", "unauthorized")):
         return BadProviderKey(f"{provider}: {message}", provider)
-    if "mode" in text or "type" in text:
+    if "mode" in text and any(w in text for w in ("mismatch", "match", "differ")):
         return ModeMismatch(f"{provider}: {message}", provider)
     acting = request is not None and request.parent_task_id is not None
     if acting and ("not found" in text or "unknown" in text or "不存在" in text):
         return UnknownParent(f"{provider}: {message}", provider)
     return InvalidRequest(f"{provider}: {message}", provider)
+
+
+def _int_id(value: str, provider: str) -> int:
+    """The integer ids of ohmygpt and aigc2d (kept as decimal strings everywhere else)."""
+    if not value.isascii() or not value.isdigit():
+        raise InvalidRequest(f"{provider} task ids are integers, not {value[:40]!r}", provider)
+    return int(value)
 
 
 # the banned word, quoted in ASCII or CJK quotes
@@ -279,7 +293,8 @@ class OhmygptClient(ProviderClient):
             if not (request.custom_id and request.parent_task_id):
                 raise InvalidRequest(f"{request.action} needs the parent's button", self.name)
             path = "action"
-            body.update(taskId=int(request.parent_task_id), customId=request.custom_id)
+            body.update(taskId=_int_id(request.parent_task_id, self.name),
+                        customId=request.custom_id)
         answer = await self._post(f"{self.BASE}/{path}", body)
         if answer.get("statusCode") == 200 and answer.get("data") is not None:
             return str(answer["data"])
@@ -287,7 +302,7 @@ class OhmygptClient(ProviderClient):
 
     async def fetch(self, provider_task_id: str) -> Update:
         response = await self._request("POST", f"{self.BASE}/query",
-                                       json={"taskId": int(provider_task_id)})
+                                       json={"taskId": _int_id(provider_task_id, self.name)})
         return self._parse(response, provider_task_id)
 
 
@@ -315,7 +330,7 @@ class Aigc2dClient(ProviderClient):
             if request.parent_task_id is None or request.index is None:
                 raise InvalidRequest(f"{request.action} needs the parent and an index 1-4",
                                      self.name)
-            body.update(task_id=int(request.parent_task_id), index=request.index)
+            body.update(task_id=_int_id(request.parent_task_id, self.name), index=request.index)
         answer = await self._post(f"/mj/{path}", body)
         if answer.get("code") == 0 and answer.get("task_id") is not None:
             return str(answer["task_id"])

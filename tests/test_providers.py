@@ -115,7 +115,8 @@ def test_ohmygpt_submit_and_refusals() -> None:
     for message, error in [("queue is full", QueueFull),
                            ("prompt contains banned word 'gore'", BannedPrompt),
                            ("invalid api key", BadProviderKey),
-                           ("task type NORMAL does not match parent FAST", ModeMismatch),
+                           ("Mode mismatch: the parent ran in FAST", ModeMismatch),
+                           ("type must be FAST or NORMAL", InvalidRequest),
                            ("parent task not found", UnknownParent)]:
         refusing = client(OhmygptClient, answer({"statusCode": 400, "message": message}))
         action = SubmitRequest("UPSCALE", parent_task_id="20", custom_id="MJ::JOB::upsample::1")
@@ -170,10 +171,24 @@ def test_transport_failures_say_whether_a_retry_is_safe() -> None:
             submit(client(Aigc2dClient, answer({}, status)), IMAGINE)
 
 
+def test_buttons_are_found_by_action_and_position() -> None:
+    buttons = [{"custom_id": c} for c in (
+        "MJ::JOB::upsample::1::h", "MJ::JOB::upsample::2::h", "MJ::JOB::variation::2::h",
+        "MJ::JOB::reroll::0::h::SOLO", "MJ::Outpaint::50::1::h::SOLO",
+        "MJ::JOB::high_variation::1::h::SOLO", "MJ::JOB::pan_left::1::h::SOLO")]
+    assert find_button(buttons, "UPSCALE", 2) == "MJ::JOB::upsample::2::h"
+    assert find_button(buttons, "VARIATION", 2) == "MJ::JOB::variation::2::h"
+    assert find_button(buttons, "VARIATION", 3) is None
+    assert find_button(buttons, "ZOOM", None) == "MJ::Outpaint::50::1::h::SOLO"
+    assert find_button(buttons, "PAN", None) == "MJ::JOB::pan_left::1::h::SOLO"
+    assert find_button(buttons, "REROLL", None) == "MJ::JOB::reroll::0::h::SOLO"
+
+
 def test_requests_are_checked_before_sending() -> None:
     seen.clear()
     c = client(OhmygptClient, answer({"statusCode": 200, "data": 1}))
-    for bad in (SubmitRequest("IMAGINE"), SubmitRequest("BLEND", images=["a"]),
+    for bad in (SubmitRequest("UPSCALE", parent_task_id="abc", custom_id="MJ::JOB::upsample::1"),
+                SubmitRequest("IMAGINE"), SubmitRequest("BLEND", images=["a"]),
                 SubmitRequest("BLEND", images=["a"] * 6), SubmitRequest("DESCRIBE"),
                 SubmitRequest("DANCE", prompt="x")):
         with pytest.raises(InvalidRequest):
