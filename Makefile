@@ -29,6 +29,7 @@ check: install
 bench: install
 	@command -v wrk >/dev/null || { $(APT) update -q && $(APT) install -y -q wrk; }
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.sse
 
 clean:
 	rm -rf $(VENV) .receiver .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -366,10 +366,10 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
     ])
 
 
-def write_markdown(section: str, path: Path) -> None:
-    """Replace the ``## bench/ingest`` section of ``path`` (or add it), keep the rest."""
+def write_markdown(section: str, path: Path, heading: str = "## bench/ingest") -> None:
+    """Replace the ``heading`` section of ``path`` (or add it at the end), keep the rest."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find("## bench/ingest")
+    start = text.find(heading)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
