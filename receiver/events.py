@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import orjson
 from redis.asyncio import Redis
+from sse_starlette.sse import AppStatus
 
 from receiver.constants import Keys
 from receiver.models import EVENT_OF_STATUS, TaskStatus
@@ -40,11 +40,15 @@ class Event:
     kind: str
     task_id: str
     data: bytes
+    # The SSE bytes, built once and shared by every subscriber (data is one JSON line).
+    frame: bytes = b""
 
     @classmethod
     def from_json(cls, data: bytes) -> Event:
         doc = orjson.loads(data)
-        return cls(doc["event_id"], doc["event"], doc["id"], data)
+        frame = b"id: %s\nevent: %s\ndata: %s\n\n" % (
+            doc["event_id"].encode(), doc["event"].encode(), data)
+        return cls(doc["event_id"], doc["event"], doc["id"], data, frame)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -56,38 +60,57 @@ class Event:
 
 
 class Subscription:
-    """One client's bounded queue of live events."""
+    """One client's bounded queue of live events.
+
+    Idle, it holds no list and no future: with thousands of idle SSE clients per process,
+    every object per connection is memory and garbage-collector work (BENCHMARKS.md).
+    """
+
+    __slots__ = ("cut_off", "items", "limit", "task_id", "tenant", "waiter")
 
     def __init__(self, tenant: str, task_id: str | None, limit: int) -> None:
         self.tenant = tenant
         self.task_id = task_id
         self.limit = limit
-        self.cut_off = False  # fell behind, or the hub lost its subscription
-        self._items: deque[Event] = deque()
-        self._ready = asyncio.Event()
+        self.cut_off = False  # fell behind, the hub lost its subscription, or shutdown
+        self.items: list[Event] | None = None
+        self.waiter: asyncio.Future[None] | None = None
 
     def push(self, event: Event) -> None:
         if self.task_id is not None and event.task_id != self.task_id:
             return
-        if len(self._items) >= self.limit:
+        if self.items is None:
+            self.items = [event]
+        elif len(self.items) >= self.limit:
             self.cut_off = True
         else:
-            self._items.append(event)
-        self._ready.set()
+            self.items.append(event)
+        self.wake()
 
     def cut(self) -> None:
         self.cut_off = True
-        self._ready.set()
+        self.wake()
 
-    async def get(self) -> Event | None:
-        """The next event, or None once this client is cut off."""
-        while not self._items and not self.cut_off:
-            self._ready.clear()
-            await self._ready.wait()
-        return None if self.cut_off else self._items.popleft()
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
-    def __len__(self) -> int:
-        return len(self._items)
+    async def wait(self, timeout: float) -> None:
+        """Until there are events, this client is cut off, or ``timeout`` passes."""
+        if self.items or self.cut_off:
+            return
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        timer = loop.call_later(timeout, self.wake)
+        try:
+            await self.waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def take(self) -> list[Event]:
+        items, self.items = self.items or [], None
+        return items
 
 
 class EventHub:
@@ -97,23 +120,41 @@ class EventHub:
         self.queue_limit = queue_limit
         self.subscriptions: dict[str, set[Subscription]] = {}
         self.dropped = 0  # clients cut off for falling behind
+        self.closing = False  # shutting down: new streams end at once
         self._runner: asyncio.Task[None] | None = None
+        self._exit_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="event-hub")
+        self._exit_watch = asyncio.create_task(self._watch_exit(), name="event-hub-exit")
 
     async def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+        for task in (self._runner, self._exit_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self.cut_all()
+
+    def cut_all(self) -> None:
         for subs in self.subscriptions.values():
             for sub in subs:
                 sub.cut()
+
+    async def _watch_exit(self) -> None:
+        """Streams never end by themselves, and uvicorn waits for every response before it
+        stops: on its exit signal (which sse-starlette's AppStatus hooks) cut every client,
+        so they reconnect to another process with Last-Event-ID."""
+        while not AppStatus.should_exit:
+            await asyncio.sleep(0.5)
+        self.closing = True
+        self.cut_all()
 
     @asynccontextmanager
     async def subscribe(self, tenant: str, task_id: str | None = None
                         ) -> AsyncIterator[Subscription]:
         sub = Subscription(tenant, task_id, self.queue_limit)
+        if self.closing:
+            sub.cut()
         self.subscriptions.setdefault(tenant, set()).add(sub)
         try:
             yield sub
@@ -163,5 +204,5 @@ class EventHub:
                     for sub in subs:
                         sub.cut()
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(backoff)  # the clients reconnect and replay meanwhile
                 backoff = min(backoff * 2, 5.0)
