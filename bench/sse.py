@@ -22,13 +22,11 @@ to. So both sides deliver the same events; only the fan-out differs. Measured:
 (c) fan-out: 1,000 subscribers, one callback, the time until the last one has it.
 
 The clients are raw asyncio protocols (GET, de-chunk, split events, time-stamp the read),
-so that the client's cost stays small next to the servers'. ``--sides ours,naive,lean`` adds
-a third server, ``bench/lean_sse.py``: a prototype (not part of the service) of our live
-stream without sse-starlette, to show what the receiver could change. Results go to stdout,
+so that the client's cost stays small next to the servers'. Results go to stdout,
 raw samples and server logs to ``bench/results/sse/``, the table to the ``## bench/sse``
 section of ``BENCHMARKS.md``.
 
-    .venv/bin/python -m bench.sse [--quick] [--sides ours,naive,lean] [--rate 1000]
+    .venv/bin/python -m bench.sse [--quick] [--sides ours,naive] [--rate 1000]
                                   [--duration 10] [--rounds 2] [--connections 10000]
                                   [--fanout 1000] [--events 20] [--no-write]
 """
@@ -78,13 +76,11 @@ from receiver.redis_server import RedisServer, free_port
 from receiver.settings import DEFAULT_TENANT
 
 NAIVE_APP = "bench.naive_sse:create_app"
-LEAN_APP = "bench.lean_sse:create_app"
-APPS = {"ours": OURS_APP, "naive": NAIVE_APP, "lean": LEAN_APP}
-SIDES = ("ours", "naive")  # the default; "lean" (a prototype, bench/lean_sse.py) on request
+APPS = {"ours": OURS_APP, "naive": NAIVE_APP}
+SIDES = ("ours", "naive")
 # The sides that take the callbacks themselves (the receiver's app); naive's come from ours.
-PRODUCERS = frozenset({"ours", "lean"})
-LABEL = {"ours": "receiver (one hub)", "naive": "naive (pub/sub per client)",
-         "lean": "lean prototype (no sse-starlette)"}
+PRODUCERS = frozenset({"ours"})
+LABEL = {"ours": "receiver (one hub)", "naive": "naive (pub/sub per client)"}
 CHANNEL = Keys(DEFAULT_PREFIX).channel(DEFAULT_TENANT)
 NOFILE = 65_536  # wanted for this process and (inherited) the servers and Redis
 EVENT_END = b"\r\n\r\n"  # sse-starlette's default line separator is CRLF
@@ -955,11 +951,6 @@ def report(res: Results, args: argparse.Namespace, argv: Sequence[str],
         "- the sides run one after the other; in ours ingest and fan-out share one process; "
         "while naive is measured our service only ingests (its hub has no clients), so the "
         "naive app has a core of its own",
-        *([f"- lean: `{LEAN_APP}`, a prototype that is not part of the service: the "
-           "receiver's whole app and hub, with only the live `GET /events` served by a bare "
-           "ASGI loop instead of sse-starlette (see its docstring); like ours it takes the "
-           "callbacks of its runs itself, so ingest and fan-out share its one process"]
-          if "lean" in args.sides else []),
         "",
         *table(res, args),
         "",
@@ -1030,8 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", default="abc", help="which of a, b, c to run")
     parser.add_argument("--sides", default=",".join(SIDES),
                         type=lambda text: [s for s in text.split(",") if s],
-                        help=f"which servers to measure, of {', '.join(APPS)} (default "
-                        f"{','.join(SIDES)}; lean is a prototype, bench/lean_sse.py)")
+                        help=f"which servers to measure, of {', '.join(APPS)}")
     parser.add_argument("--budget", type=float, default=600,
                         help="seconds after which the run gives up")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")

@@ -7,7 +7,7 @@ SIGUSR1, times one full garbage collection, counts the objects the collector tra
 parent opens N idle ``GET /events`` connections between two such dumps and prints what grew
 per connection: by type, and by allocating line, package and call chain.
 
-    .venv/bin/python -m bench.sse_memory [--app ours|naive|lean] [--connections 2000]
+    .venv/bin/python -m bench.sse_memory [--app ours|naive] [--connections 2000]
                                          [--no-trace]
 
 tracemalloc makes the process bigger and its collections slower, so take RSS and GC pauses

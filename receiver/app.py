@@ -17,8 +17,9 @@ from starlette.routing import Route
 
 from receiver import api, sse
 from receiver.api import JSONResponse
-from receiver.callbacks import CallbackEndpoint, CallbackFastPath, ExceptionHandler
+from receiver.callbacks import CallbackEndpoint
 from receiver.errors import ReceiverError, StoreUnavailable
+from receiver.fastpath import ExceptionHandler, FastPath
 from receiver.logs import install_redaction
 from receiver.openapi import openapi_json
 from receiver.services import Services
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/readyz", api.readyz, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
         ],
-        middleware=[Middleware(CallbackFastPath, handlers=_DOMAIN_HANDLERS)],
+        middleware=[Middleware(FastPath, handlers=_DOMAIN_HANDLERS)],
         exception_handlers={
             **_DOMAIN_HANDLERS,
             HTTPException: _http_error,

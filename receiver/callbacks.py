@@ -4,20 +4,16 @@ The order of checks is the order of cost: provider name, token (no body read for
 without one), body size, dialect, then the one round trip to Redis. The answer is sent only
 after Redis has stored the transition, or recognised it as a duplicate or stale.
 
-`CallbackFastPath` hands these requests to the endpoint before Starlette's exception and
-routing layers, which cost a suspended request as much CPU as the callback's own work
-(measured in ARCHITECTURE.md). Errors still go through the app's exception handlers.
+`fastpath.FastPath` hands these requests to the endpoint before Starlette's exception and
+routing layers (measured in ARCHITECTURE.md); errors still go through the app's handlers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import unquote
 
 import orjson
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from receiver.dialects import DIALECTS
 from receiver.errors import NotFound, PayloadTooLarge
@@ -26,7 +22,6 @@ from receiver.tokens import WrongJob
 
 PREFIX = "/callbacks/"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
-ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 class UnknownProvider(NotFound):
@@ -61,29 +56,6 @@ class CallbackEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive_callback(scope, receive, send)
-
-
-class CallbackFastPath:
-    """ASGI middleware: ``POST /callbacks/<provider>`` straight to `receive_callback`."""
-
-    def __init__(self, app: ASGIApp, handlers: Mapping[type[Exception], ExceptionHandler]):
-        self.app = app
-        self.handlers = handlers
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if (scope["type"] != "http" or scope["method"] != "POST"
-                or not path.startswith(PREFIX) or "/" in path[len(PREFIX):]):
-            await self.app(scope, receive, send)
-            return
-        try:
-            await receive_callback(scope, receive, send)
-        except Exception as exc:
-            handler = next((h for cls, h in self.handlers.items() if isinstance(exc, cls)), None)
-            if handler is None:
-                raise  # to ServerErrorMiddleware, like any other route's
-            response = await handler(Request(scope, receive), exc)
-            await response(scope, receive, send)
 
 
 async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes | None:

@@ -46,7 +46,7 @@ class Event:
     @classmethod
     def from_json(cls, data: bytes) -> Event:
         doc = orjson.loads(data)
-        frame = b"id: %s\nevent: %s\ndata: %s\n\n" % (
+        frame = b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n" % (
             doc["event_id"].encode(), doc["event"].encode(), data)
         return cls(doc["event_id"], doc["event"], doc["id"], data, frame)
 

@@ -112,7 +112,7 @@ class EventStream:
             gone = asyncio.get_running_loop().create_task(until_gone())
             try:
                 await self._send(send, _HEADERS)
-                await self._send(send, b": receiver\nretry: %d\n\n" % settings.sse_retry_ms)
+                await self._send(send, b": receiver\r\nretry: %d\r\n\r\n" % settings.sse_retry_ms)
                 sent = event_key(self.last) if self.last else (0, 0)
                 async for event in _history(self.svc, self.tenant, self.task_id, self.last):
                     if sub.cut_off:
@@ -126,13 +126,13 @@ class EventStream:
                         break
                     events = sub.take()
                     if not events:
-                        await self._send(send, b": ping\n\n")
+                        await self._send(send, b": ping\r\n\r\n")
                         continue
                     sent, done = await self._deliver(send, events, sent)
                     if done:
                         return
                 if not gone.done():  # fell behind, or shutting down: say so, end the response
-                    await self._send(send, b": cut off: reconnect with Last-Event-ID\n\n")
+                    await self._send(send, b": cut off: reconnect with Last-Event-ID\r\n\r\n")
             finally:
                 gone.cancel()
                 with contextlib.suppress(Exception):
