@@ -37,14 +37,16 @@ TIMEOUT = httpx.Timeout(10.0)
 
 
 class LiveServer:
-    """A real uvicorn serving the app on a loopback port, in a thread of the test process."""
+    """A real uvicorn serving the receiver (or ``app``) on a loopback port, in a thread of
+    the test process."""
 
-    def __init__(self, settings: Settings, port: int | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings | None = None, port: int | None = None,
+                 app: Any = None) -> None:
+        self.settings = settings or Settings()
         self.port = port or free_port()
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
-            lifespan="on", timeout_graceful_shutdown=2,
+            app or create_app(self.settings), host="127.0.0.1", port=self.port,
+            log_level="warning", lifespan="on", timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -25,41 +24,12 @@ from receiver.models import TaskStatus, Update
 from receiver.redis_server import free_port
 from receiver.simulator import SimulatorConfig, create_simulator
 from receiver.simulator_tasks import AIGC2D_FIRST_ID, DESCRIBE_TEXT
-from tests.conftest import TIMEOUT
+from tests.conftest import TIMEOUT, LiveServer
 
 STEP = 0.02
 KEY = "sk-test"
 IMG = "data:image/png;base64,iVBORw0KGgo="
 Json = dict[str, Any]
-
-
-class Served:
-    """An ASGI app on a loopback port, served by uvicorn in a thread (like conftest's
-    LiveServer, for apps that are not the receiver)."""
-
-    def __init__(self, app: Starlette) -> None:
-        self.app = app
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Served:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "no uvicorn"
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 class Recorder:
@@ -75,7 +45,7 @@ class Recorder:
                 self.bodies.append((request.url.path, body))
             return JSONResponse({"result": "stored"})
 
-        self.served = Served(Starlette(routes=[Route("/{path:path}", record,
+        self.served = LiveServer(app=Starlette(routes=[Route("/{path:path}", record,
                                                      methods=["POST"])])).start()
 
     def hook(self, name: str) -> str:
@@ -106,13 +76,13 @@ def recorder() -> Iterator[Recorder]:
 
 @pytest.fixture
 def make_sim() -> Iterator[Callable[..., httpx.Client]]:
-    started: list[Served] = []
+    started: list[LiveServer] = []
     clients: list[httpx.Client] = []
 
     def make(**config: Any) -> httpx.Client:
         config.setdefault("step_interval", STEP)
         config.setdefault("seed", 7)
-        served = Served(create_simulator(SimulatorConfig(**config))).start()
+        served = LiveServer(app=create_simulator(SimulatorConfig(**config))).start()
         started.append(served)
         client = httpx.Client(base_url=served.url, timeout=TIMEOUT)
         clients.append(client)
