@@ -230,7 +230,7 @@ def test_connect_disconnect_cycles_leave_nothing_behind(
     server: LiveServer, acme: httpx.Client, r: redis.Redis
 ) -> None:
     hub = server.server.config.app.state.services.hub
-    loop = hub._runner.get_loop()
+    loop = hub._exit_watch.get_loop()
 
     def tasks() -> int:
         async def count() -> int:
@@ -258,6 +258,7 @@ def test_connect_disconnect_cycles_leave_nothing_behind(
                                              task_names())
         time.sleep(0.05)
     assert len(r.client_list()) <= baseline_clients + 2  # the pool, not a connection each
+    assert r.pubsub_channels() == []  # no client left: the process listens to nothing
 
 
 def test_tenants_never_see_each_others_events(
