@@ -108,23 +108,31 @@ def uvicorn_command(app: str, port: int) -> list[str]:
 
 
 @contextmanager
-def uvicorn_server(app: str, env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """A uvicorn child serving ``app``; yields its base URL; stopped on exit."""
-    port = free_port()
+def child_server(command: list[str], port: int, env: dict[str, str], log_path: Path,
+                 start_timeout: float = 20.0) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process serving HTTP on ``port``, its output in ``log_path``; yielded once it
+    answers; terminated (then killed) on exit. Every bench's servers start here."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(uvicorn_command(app, port), cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
         try:
-            base = f"http://{HOST}:{port}"
-            wait_http(base, proc, log_path)
-            yield base
+            wait_http(f"http://{HOST}:{port}", proc, log_path, timeout=start_timeout)
+            yield proc
         finally:
             proc.terminate()
             try:
-                proc.wait(10)
+                proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def uvicorn_server(app: str, env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """A uvicorn child serving ``app``; yields its base URL."""
+    port = free_port()
+    with child_server(uvicorn_command(app, port), port, env, log_path):
+        yield f"http://{HOST}:{port}"
 
 
 def wait_http(base: str, proc: subprocess.Popen[bytes], log_path: Path,

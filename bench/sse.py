@@ -65,10 +65,10 @@ from bench.ingest import (
     ROOT,
     UVICORN_FLAGS,
     callbacks,
+    child_server,
     machine,
     mint,
     uvicorn_command,
-    wait_http,
     write_markdown,
 )
 from receiver.constants import DEFAULT_PREFIX, Keys
@@ -143,19 +143,8 @@ def proc_rss_kib(pid: int) -> int:
 def uvicorn_child(name: str, app: str, env: dict[str, str], log_path: Path) -> Iterator[Server]:
     """``python -m uvicorn <app>`` with the shared flags; stopped (then killed) on exit."""
     port = free_port()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(uvicorn_command(app, port), cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_http(f"http://{HOST}:{port}", proc, log_path)
-            yield Server(name, port, proc.pid)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with child_server(uvicorn_command(app, port), port, env, log_path) as proc:
+        yield Server(name, port, proc.pid)
 
 
 def raise_nofile(wanted: int) -> int:

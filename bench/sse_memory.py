@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import uvloop
 
-from bench.ingest import HOST, ROOT, wait_http
+from bench.ingest import HOST, ROOT, child_server
 from bench.sse import APPS, NOFILE, Server, SseClient, connect, disconnect, raise_nofile
 from receiver.constants import DEFAULT_PREFIX
 from receiver.redis_server import RedisServer, free_port
@@ -117,22 +117,11 @@ def serve(app: str, port: int, trace: bool) -> None:
 def traced_server(app: str, env: dict[str, str], dump_prefix: Path, log_path: Path,
                   trace: bool) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
     port = free_port()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.sse_memory", "--serve", app, "--port", str(port),
-             *([] if trace else ["--no-trace"])],
-            cwd=ROOT, env={**env, _DUMP_ENV: str(dump_prefix)}, stdout=log,
-            stderr=subprocess.STDOUT)
-        try:
-            wait_http(f"http://{HOST}:{port}", proc, log_path, timeout=60)
-            yield Server(app, port, proc.pid), proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    command = [sys.executable, "-m", "bench.sse_memory", "--serve", app, "--port", str(port),
+               *([] if trace else ["--no-trace"])]
+    with child_server(command, port, {**env, _DUMP_ENV: str(dump_prefix)}, log_path,
+                      start_timeout=60) as proc:
+        yield Server(app, port, proc.pid), proc
 
 
 

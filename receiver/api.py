@@ -14,7 +14,7 @@ from receiver.constants import JOB_ID_RE
 from receiver.dialects import DIALECTS
 from receiver.errors import BadRequest, NotFound, StoreUnavailable
 from receiver.models import TaskStatus, new_job_id
-from receiver.services import services
+from receiver.services import Services, services
 from receiver.tokens import CallbackClaims, SubscribeClaims
 
 MAX_PAGE = 200
@@ -29,6 +29,14 @@ class JSONResponse(Response):
 
 class TaskNotFound(NotFound):
     code = "task_not_found"
+
+
+async def task_or_404(svc: Services, tenant: str, job_id: str) -> bytes:
+    """The tenant's task (snapshot JSON), or a 404 that says whose it is not."""
+    task = await svc.store.get(tenant, job_id) if JOB_ID_RE.match(job_id) else None
+    if task is None:
+        raise TaskNotFound(f"no task {job_id[:40]!r} for this tenant")
+    return task
 
 
 async def create_callback_url(request: Request) -> Response:
@@ -76,8 +84,7 @@ async def create_subscribe_token(request: Request) -> Response:
     if task_id is not None:
         if not isinstance(task_id, str) or not JOB_ID_RE.match(task_id):
             raise BadRequest("'task_id' must be a task id")
-        if await svc.store.get(tenant, task_id) is None:
-            raise TaskNotFound(f"no task {task_id!r} for this tenant")
+        await task_or_404(svc, tenant, task_id)
     token = svc.signer.mint_subscribe(SubscribeClaims(tenant, task_id))
     path = f"/tasks/{task_id}/events" if task_id else "/events"
     return JSONResponse(
@@ -89,11 +96,8 @@ async def create_subscribe_token(request: Request) -> Response:
 
 async def get_task(request: Request) -> Response:
     tenant = authenticate(request)
-    job_id = request.path_params["job_id"]
-    task = await services(request).store.get(tenant, job_id) if JOB_ID_RE.match(job_id) else None
-    if task is None:
-        raise TaskNotFound(f"no task {job_id[:40]!r} for this tenant")
-    return JSONResponse(task)
+    return JSONResponse(await task_or_404(services(request), tenant,
+                                          request.path_params["job_id"]))
 
 
 async def list_tasks(request: Request) -> Response:

@@ -20,9 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from receiver.api import TaskNotFound
+from receiver.api import task_or_404
 from receiver.auth import authenticate
-from receiver.constants import JOB_ID_RE
 from receiver.errors import BadRequest, Forbidden
 from receiver.events import Event, event_key
 from receiver.models import TaskStatus
@@ -40,9 +39,7 @@ async def task_events(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     tenant = authenticate_events(request, job_id)
     svc = services(request)
-    task = await svc.store.get(tenant, job_id) if JOB_ID_RE.match(job_id) else None
-    if task is None:
-        raise TaskNotFound(f"no task {job_id[:40]!r} for this tenant")
+    task = await task_or_404(svc, tenant, job_id)
     last = _last_event_id(request)
     if last and TaskStatus(orjson.loads(task)["status"]).terminal:
         latest = await svc.redis.xrevrange(svc.store.keys.history(tenant, job_id), count=1)
