@@ -44,7 +44,7 @@ async def create_callback_url(request: Request) -> Response:
     task (NOT_START) so its callbacks, and readers, find it."""
     tenant = authenticate(request)
     svc = services(request)
-    body = await _json_object(request, svc.settings.max_body_bytes)
+    body = await json_object(request, svc.settings.max_body_bytes)
     provider = body.get("provider")
     if provider not in DIALECTS:
         raise BadRequest(f"'provider' must be one of {sorted(DIALECTS)}")
@@ -79,7 +79,7 @@ async def create_subscribe_token(request: Request) -> Response:
     Authorization header): for every task of the tenant, or for one (``task_id``)."""
     tenant = authenticate(request)
     svc = services(request)
-    body = await _json_object(request, svc.settings.max_body_bytes)
+    body = await json_object(request, svc.settings.max_body_bytes)
     task_id = body.get("task_id")
     if task_id is not None:
         if not isinstance(task_id, str) or not JOB_ID_RE.match(task_id):
@@ -137,7 +137,7 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-async def _json_object(request: Request, limit: int) -> dict[str, Any]:
+async def json_object(request: Request, limit: int) -> dict[str, Any]:
     raw = await read_body(request.receive, request.headers.get("content-length"), limit)
     if raw is None:
         raise ClientDisconnect()

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver import api, sse
+from receiver import api, sse, submitter
 from receiver.api import JSONResponse
 from receiver.callbacks import CallbackEndpoint
 from receiver.errors import ReceiverError, StoreUnavailable
@@ -24,6 +24,7 @@ from receiver.logs import install_redaction
 from receiver.openapi import openapi_json
 from receiver.services import Services
 from receiver.settings import Settings
+from receiver.worker import Worker
 
 log = logging.getLogger("receiver")
 
@@ -46,12 +47,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
         app.state.services = svc = Services.build(settings)
         await svc.start()
+        worker = Worker(svc) if settings.embedded_worker else None
+        if worker is not None:
+            worker.start()
         # What exists now lives as long as the process: keep it out of every GC pass (about a
         # tenth of a callback's CPU, measured).
         gc.freeze()
         try:
             yield
         finally:
+            if worker is not None:
+                await worker.stop()
             await svc.close()
 
     return Starlette(
@@ -59,6 +65,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/callbacks/{provider}", CallbackEndpoint(), methods=["POST"]),
             Route("/callback-urls", api.create_callback_url, methods=["POST"]),
             Route("/tasks", api.list_tasks, methods=["GET"]),
+            Route("/tasks", submitter.create_task, methods=["POST"]),
+            Route("/usage", submitter.get_usage, methods=["GET"]),
             Route("/tasks/{job_id}", api.get_task, methods=["GET"]),
             Route("/tasks/{job_id}/events", sse.task_events, methods=["GET"]),
             Route("/events", sse.tenant_events, methods=["GET"]),

@@ -17,6 +17,8 @@ from starlette.types import Receive, Scope, Send
 
 from receiver.dialects import DIALECTS
 from receiver.errors import NotFound, PayloadTooLarge
+from receiver.models import TaskStatus
+from receiver.reconciler import verify
 from receiver.services import Services
 from receiver.tokens import WrongJob
 
@@ -39,13 +41,25 @@ async def receive_callback(scope: Scope, receive: Receive, send: Send) -> None:
     body = await read_body(receive, _content_length(scope), svc.settings.max_body_bytes)
     if body is None:
         return  # the sender hung up: nobody to answer
-    outcome = await svc.store.apply(claims, parser(body))
+    update = parser(body)
+    if update.status is TaskStatus.SUCCESS and svc.settings.verify_final:
+        # Unsigned callbacks: a SUCCESS is what the provider says when asked.
+        checked = await verify(svc, claims, update)
+        if checked is None:  # cannot ask now: the reconciler will
+            await _answer(send, 202, b'{"result":"verifying","job_id":"%s","version":null}'
+                          % claims.job_id.encode())
+            return
+        update = checked
+    outcome = await svc.store.apply(claims, update)
     if outcome.result == "conflict":
         raise WrongJob("this token's job is bound to another provider task")
-    answer = b'{"result":"%s","job_id":"%s","version":%s}' % (
+    await _answer(send, 200, b'{"result":"%s","job_id":"%s","version":%s}' % (
         outcome.result.encode(), claims.job_id.encode(), orjson.dumps(outcome.version),
-    )
-    await send({"type": "http.response.start", "status": 200,
+    ))
+
+
+async def _answer(send: Send, status: int, answer: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
                 "headers": [*_JSON_HEADERS, (b"content-length", b"%d" % len(answer))]})
     await send({"type": "http.response.body", "body": answer})
 

@@ -79,5 +79,34 @@ class Keys:
         base = f"{self.prefix}:tasks:{{{tenant}}}"
         return base if status is None else f"{base}:{status}"
 
+    def usage(self, tenant: str) -> str:
+        """Hash: the cost ledger, ``provider|mode|action|unit|{tasks,spent,refunded}``
+        counters (in the tenant's slot, so the transition script refunds atomically)."""
+        return f"{self.prefix}:usage:{{{tenant}}}"
+
+    # A provider account's keys share the account as hash tag: the admission script touches
+    # its queue and its slots together.
+
+    def queue(self, account: str) -> str:
+        """Sorted set: ``tenant/job`` waiting for a slot (NOT_START), scored by enqueue ms."""
+        return f"{self.prefix}:queue:{{acct:{account}}}"
+
+    def slots(self, account: str) -> str:
+        """Sorted set: ``tenant/job`` sent to the provider and not yet seen final, scored by
+        dispatch ms. Its size is the account's unfinished tasks; the reconciler watches it."""
+        return f"{self.prefix}:slots:{{acct:{account}}}"
+
+    def inferred(self, account: str) -> str:
+        """Sorted set: tasks we failed as timed out, still polled a while for a late final."""
+        return f"{self.prefix}:inferred:{{acct:{account}}}"
+
+    def poll_lock(self, account: str, member: str) -> str:
+        """String with a TTL: one worker polls a task at a time."""
+        return f"{self.prefix}:poll:{{acct:{account}}}:{member}"
+
+    def admission_channel(self) -> str:
+        """Pub/sub: an account name, when it may have a free slot or a new task queued."""
+        return f"{self.prefix}:admission"
+
 # What a field reads as before anything set it.
 FIELD_DEFAULTS: dict[str, str] = {"image_urls": "[]", "buttons": "[]", "progress": "0"}

@@ -57,7 +57,7 @@ def parse_ohmygpt(body: bytes) -> Update:
         doc = doc["data"]
     dc, s3 = _str(doc.get("imageDcUrl")), _str(doc.get("imageS3Url"))
     image_url = s3 or dc
-    return Update(
+    return _described(Update(
         status=_status(doc.get("status")),
         progress=_progress(doc.get("progress")),
         provider_task_id=_task_id(doc, "taskId", body, wrapped="data"),
@@ -73,7 +73,14 @@ def parse_ohmygpt(body: bytes) -> Update:
         started_at=_iso_time(doc.get("startTime")),
         finished_at=_iso_time(doc.get("finishTime")),
         raw=body,
-    )
+    ))
+
+
+def _described(update: Update) -> Update:
+    """OhMyGPT and AIGC2D answer a DESCRIBE in ``prompt``: it is the output, not the input."""
+    if update.action == "DESCRIBE" and update.prompt:
+        update.final_prompt, update.prompt = update.prompt, None
+    return update
 
 
 def parse_aigc2d(body: bytes) -> Update:
@@ -90,7 +97,7 @@ def parse_aigc2d(body: bytes) -> Update:
         if isinstance(point, int | float) and not isinstance(point, bool)
         else None
     )
-    return Update(
+    return _described(Update(
         status=status,
         progress=_progress(doc.get("progress")),
         provider_task_id=_task_id(doc, "task_id", body),
@@ -104,7 +111,7 @@ def parse_aigc2d(body: bytes) -> Update:
         started_at=_utc8_time(doc.get("start_time")),
         finished_at=_utc8_time(doc.get("finish_time")),
         raw=body,
-    )
+    ))
 
 
 DIALECTS: dict[str, Parser] = {

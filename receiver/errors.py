@@ -47,6 +47,11 @@ class NotFound(ReceiverError):
     code = "not_found"
 
 
+class Conflict(ReceiverError):
+    status_code = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(ReceiverError):
     status_code = 413
     code = "payload_too_large"

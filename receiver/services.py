@@ -10,9 +10,12 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from starlette.requests import Request
 
+from receiver.admission import Admission
 from receiver.batcher import ScriptBatcher
 from receiver.events import EventHub
-from receiver.settings import Settings
+from receiver.pricing import PriceTable
+from receiver.providers import CLIENTS, MjproxyClient, ProviderClient
+from receiver.settings import ProviderAccount, Settings
 from receiver.store import TRANSITION, TaskStore
 from receiver.tokens import TokenSigner
 
@@ -24,6 +27,10 @@ class Services:
     store: TaskStore
     signer: TokenSigner
     hub: EventHub
+    admission: Admission
+    prices: PriceTable
+    # one per configured provider account
+    clients: dict[str, ProviderClient]
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -39,6 +46,9 @@ class Services:
             signer=TokenSigner(settings.signing_keys(), settings.callback_token_ttl,
                                settings.subscribe_token_ttl),
             hub=EventHub(redis, store.keys, settings.sse_queue_limit),
+            admission=Admission(redis, store.keys),
+            prices=PriceTable.load(settings.prices_file),
+            clients={name: client(account) for name, account in settings.accounts.items()},
         )
 
     async def start(self) -> None:
@@ -47,7 +57,17 @@ class Services:
     async def close(self) -> None:
         await self.hub.close()  # ends every SSE stream of this process
         await self.store.close()
+        for provider_client in self.clients.values():
+            await provider_client.aclose()
         await self.redis.aclose()
+
+
+def client(account: ProviderAccount) -> ProviderClient:
+    """The provider's client for one account."""
+    if account.provider == "mjproxy":
+        return MjproxyClient(account.base_url, str(account.api_key),
+                             auth_header=account.auth_header)
+    return CLIENTS[account.provider](account.base_url, str(account.api_key))
 
 
 def connect(url: str, timeout: float) -> Redis:

@@ -14,6 +14,26 @@ from starlette.datastructures import CommaSeparatedStrings, Secret
 from receiver.constants import DEFAULT_PREFIX, TENANT_RE
 
 DEFAULT_TENANT = "default"
+PROVIDERS = ("mjproxy", "ohmygpt", "aigc2d")
+
+
+@dataclass(frozen=True)
+class ProviderAccount:
+    """One provider account the submitter sends tasks to (``<PROVIDER>_BASE_URL`` and
+    ``_API_KEY``); ``queue_limit`` is its unfinished tasks at most (the seeds' tiers: 3, 20,
+    50)."""
+
+    provider: str
+    base_url: str
+    api_key: Secret
+    queue_limit: int = 3
+    # mjproxy only: ``mj-api-secret`` (midjourney-proxy) or ``Authorization`` (relays)
+    auth_header: str = "mj-api-secret"
+
+    @property
+    def name(self) -> str:
+        """The account's name in Redis keys and the admission channel."""
+        return self.provider
 
 
 class SettingsError(ValueError):
@@ -48,6 +68,22 @@ class Settings:
     sse_retry_ms: int = 2000
     sse_send_timeout: float = 30.0
     sse_snapshot_limit: int = 200
+    # The submitter: accounts by provider, the provider POST /tasks uses when none is named,
+    # a prices file replacing the seeds' tables.
+    accounts: dict[str, ProviderAccount] = field(default_factory=dict)
+    default_provider: str | None = None
+    prices_file: str | None = None
+    # The reconciler: poll a task after this long without an update; fail it (inferred) after
+    # task_timeout without one (the providers' 15 minutes); keep polling a task failed so for
+    # a late final this long; how often it looks.
+    reconcile_after: float = 30.0
+    task_timeout: float = 900.0
+    inferred_grace: float = 3600.0
+    reconcile_interval: float = 2.0
+    # Confirm a callback's SUCCESS by polling the provider before storing it.
+    verify_final: bool = False
+    # Run the dispatcher and reconciler inside the web process.
+    embedded_worker: bool = False
 
     @classmethod
     def from_env(cls, config: Config | None = None) -> Settings:
@@ -75,12 +111,33 @@ class Settings:
             sse_retry_ms=config("SSE_RETRY_MS", cast=int, default=2000),
             sse_send_timeout=config("SSE_SEND_TIMEOUT", cast=float, default=30.0),
             sse_snapshot_limit=config("SSE_SNAPSHOT_LIMIT", cast=int, default=200),
+            accounts=read_accounts(config),
+            default_provider=config("DEFAULT_PROVIDER", default=None) or None,
+            prices_file=config("PRICES_FILE", default=None) or None,
+            reconcile_after=config("RECONCILE_AFTER", cast=float, default=30.0),
+            task_timeout=config("TASK_TIMEOUT", cast=float, default=900.0),
+            inferred_grace=config("INFERRED_GRACE", cast=float, default=3600.0),
+            reconcile_interval=config("RECONCILE_INTERVAL", cast=float, default=2.0),
+            verify_final=config("VERIFY_FINAL", cast=bool, default=False),
+            embedded_worker=config("EMBEDDED_WORKER", cast=bool, default=False),
         )
 
     @property
     def open_mode(self) -> bool:
         """No API keys: one tenant, ``default``, reachable from loopback only."""
         return not self.api_keys
+
+    def callback_base(self) -> str:
+        """What callback URLs start with when no request tells (the worker's submits)."""
+        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def provider_for(self, provider: str | None) -> str | None:
+        """The provider named, else the default, else the only one configured."""
+        if provider:
+            return provider
+        if self.default_provider:
+            return self.default_provider
+        return next(iter(self.accounts)) if len(self.accounts) == 1 else None
 
     def signing_keys(self) -> list[str]:
         """The secret keys as itsdangerous wants them; an ephemeral one if none is set."""
@@ -106,6 +163,24 @@ def parse_api_keys(pairs: Iterable[str]) -> dict[str, str]:
             raise SettingsError("RECEIVER_API_KEYS gives the same key to two tenants")
         out[key] = tenant
     return out
+
+
+def read_accounts(config: Config) -> dict[str, ProviderAccount]:
+    """The provider accounts whose ``<PROVIDER>_BASE_URL`` is set."""
+    accounts = {}
+    for provider in PROVIDERS:
+        env = provider.upper()
+        base_url = config(f"{env}_BASE_URL", default=None)
+        if not base_url:
+            continue
+        limit = config(f"{env}_QUEUE_LIMIT", cast=int, default=3)
+        if limit < 1:
+            raise SettingsError(f"{env}_QUEUE_LIMIT must be 1 or more")
+        accounts[provider] = ProviderAccount(
+            provider, base_url, Secret(config(f"{env}_API_KEY", default="")), limit,
+            config(f"{env}_AUTH_HEADER", default="mj-api-secret"),
+        )
+    return accounts
 
 
 def is_loopback(host: str) -> bool:

@@ -37,13 +37,40 @@ local DEFAULTS = {%(defaults)s}
 local op, new_rank, status, kind, ptid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 
 -- r: rank, s: status, p: provider task id, v: the N field values (JSON texts) joined by NUL,
--- a byte JSON text never holds.
-local cur = redis.call('HMGET', KEYS[1], 'r', 's', 'p', 'v')
+-- a byte JSON text never holds. The submitter's tasks also have a: the provider account,
+-- b: billing (ledger counter prefix NUL amount NUL refunds 0|1), c: charged ('1') or
+-- charged and refunded ('2'), q: the request to send.
+local cur = redis.call('HMGET', KEYS[1], 'r', 's', 'p', 'v', 'c', 'a')
 local exists = cur[1] ~= false
+local charged = cur[5]
+local function billing()
+  local b = redis.call('HGET', KEYS[1], 'b')
+  if not b then return nil end
+  local e1 = string.find(b, '\\0', 1, true)
+  local e2 = string.find(b, '\\0', e1 + 1, true)
+  return string.sub(b, 1, e1 - 1), tonumber(string.sub(b, e1 + 1, e2 - 1)),
+    string.sub(b, e2 + 1) == '1'
+end
+local function failed(s) return s == 'FAILURE' or s == 'CANCEL' end
 local vals = {}
 if exists then
   if op == 'create' then return {'exists'} end
   if ptid ~= '' and cur[3] and cur[3] ~= ptid then return {'conflict'} end
+  -- The provider accepted the task: charge it once, whatever its callbacks did meanwhile
+  -- (one may have beaten this answer, even with a failure, which is refunded at once).
+  if op == 'submit' and not charged then
+    local field, amount, refunds = billing()
+    if field then
+      redis.call('HINCRBY', KEYS[6], field .. '|tasks', 1)
+      redis.call('HINCRBY', KEYS[6], field .. '|spent', amount)
+      charged = '1'
+      if refunds and failed(cur[2]) then
+        redis.call('HINCRBY', KEYS[6], field .. '|refunded', amount)
+        charged = '2'
+      end
+      redis.call('HSET', KEYS[1], 'c', charged)
+    end
+  end
   local stored, pos = cur[4], 1
   for i = 1, N - 1 do  -- plain find (memchr): pattern matching costs more
     local e = string.find(stored, '\\0', pos, true)
@@ -95,6 +122,19 @@ if ptid ~= '' then
 else
   redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored)
 end
+if op == 'create' and #ARGV > 17 then  -- the submitter's control fields
+  redis.call('HSET', KEYS[1], unpack(ARGV, 18))
+end
+-- Refund a charged task that fails, where the provider refunds; take the refund back when a
+-- provider SUCCESS replaces a failure we inferred.
+if exists and ((charged == '1' and failed(status)) or (charged == '2' and status == 'SUCCESS'))
+then
+  local field, amount, refunds = billing()
+  if field and refunds then
+    redis.call('HINCRBY', KEYS[6], field .. '|refunded', status == 'SUCCESS' and -amount or amount)
+    redis.call('HSET', KEYS[1], 'c', status == 'SUCCESS' and '1' or '2')
+  end
+end
 -- Retention runs from creation and again from the end; progress need not refresh it.
 if not exists or new_rank >= %(inferred)d then
   redis.call('EXPIRE', KEYS[1], ARGV[12])
@@ -107,6 +147,9 @@ if cur[2] ~= status then
   redis.call('ZADD', KEYS[5] .. ':' .. status, 0, ARGV[8])
 end
 redis.call('PUBLISH', ARGV[9], data)
+-- A final state frees the task's admission slot (the slot holders are pruned by status):
+-- wake the account's dispatchers.
+if cur[6] and new_rank >= %(inferred)d then redis.call('PUBLISH', ARGV[17], cur[6]) end
 if op == 'create' then return {'stored', version, id, data} end
 return {'stored', version, id}
 """
@@ -151,20 +194,23 @@ class TaskStore:
             str(settings.task_history_maxlen).encode(),
             str(settings.task_ttl).encode(),
         ]
-        self._tenant_keys: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}
+        self._tenant_keys: dict[str, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
+        self._admission = self.keys.admission_channel().encode()
 
     async def close(self) -> None:
         await self.batcher.close()
 
     async def create(
         self, claims: CallbackClaims, status: TaskStatus = TaskStatus.NOT_START,
-        **fields: Any,
+        control: dict[str, bytes] | None = None, **fields: Any,
     ) -> Outcome:
-        """Create a task's record (refused with ``exists`` if it has one)."""
+        """Create a task's record (refused with ``exists`` if it has one). ``control``: the
+        submitter's fields (``a``, ``b``, ``q``; see the script)."""
         fields.update(status=status.value)
+        extra = [x for pair in (control or {}).items() for x in pair]
         return await self._transition(
             b"create", claims, rank(status, None), status, b"", fields,
-            ptid=fields.get("provider_task_id") or "",
+            ptid=fields.get("provider_task_id") or "", extra=extra,
         )
 
     async def apply(self, claims: CallbackClaims, update: Update) -> Outcome:
@@ -174,41 +220,50 @@ class TaskStore:
             ptid=update.provider_task_id or "",
         )
 
+    async def submitted(self, claims: CallbackClaims, update: Update) -> Outcome:
+        """The provider accepted the task: `apply`, and charge the ledger once (even when a
+        callback got there first and this update is stale)."""
+        return await self._transition(
+            b"submit", claims, update.rank, update.status, update.raw, update.fields(),
+            ptid=update.provider_task_id or "",
+        )
+
     async def _transition(
         self, op: bytes, claims: CallbackClaims, rank_: int, status: TaskStatus, raw: bytes,
-        fields: dict[str, Any], ptid: str = "",
+        fields: dict[str, Any], ptid: str = "", extra: list[Any] | None = None,
     ) -> Outcome:
         job, tenant = claims.job_id, claims.tenant
-        stream, last_id, index, channel = self._for_tenant(tenant)
+        stream, last_id, index, channel, usage = self._for_tenant(tenant)
         patch: list[bytes] = []
         for name, value in fields.items():
             patch += (_INDEX_BYTES[name], orjson.dumps(value))
         reply = await self.batcher.call(
             [self.keys.task(tenant, job).encode(), self.keys.history(tenant, job).encode(),
-             stream, last_id, index],
+             stream, last_id, index, usage],
             [op, rank_, status.value, EVENT_OF_STATUS[status].value, ptid, raw,
              orjson.dumps(now_iso()), job, channel, *self._limits, b"\0".join(patch),
-             now_ms(), tenant, claims.provider],
+             now_ms(), tenant, claims.provider, self._admission, *(extra or ())],
         )
         if reply[0] != b"stored":
             return Outcome(reply[0].decode(), int(reply[1]) if len(reply) > 1 else None)
         return Outcome("stored", int(reply[1]), reply[2].decode(),
                        reply[3] if len(reply) > 3 else None)
 
-    def _for_tenant(self, tenant: str) -> tuple[bytes, bytes, bytes, bytes]:
+    def _for_tenant(self, tenant: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
         keys = self._tenant_keys.get(tenant)
         if keys is None:
             k = self.keys
             keys = self._tenant_keys[tenant] = (
                 k.stream(tenant).encode(), k.last_event_id(tenant).encode(),
                 k.index(tenant).encode(), k.channel(tenant).encode(),
+                k.usage(tenant).encode(),
             )
         return keys
 
     async def get(self, tenant: str, job_id: str) -> bytes | None:
         """The task's snapshot JSON, or None."""
         values = await self.redis.hget(self.keys.task(tenant, job_id), "v")  # type: ignore[misc]
-        return _snapshot(values)
+        return snapshot(values)
 
     async def list(
         self, tenant: str, status: TaskStatus | None, limit: int, cursor: str | None,
@@ -228,11 +283,11 @@ class TaskStore:
                 pipe.hget(self.keys.task(tenant, job.decode()), "v")
             expired = []
             for job, values in zip(ids, await pipe.execute(), strict=True):
-                snapshot = _snapshot(values)
-                if snapshot is None:
+                task = snapshot(values)
+                if task is None:
                     expired.append(job)
                 else:
-                    found.append(snapshot)
+                    found.append(task)
             if expired:  # the task's TTL ran out; the index entry goes too
                 await self.redis.zrem(index, *expired)
             upper = f"({ids[-1].decode()}"
@@ -244,7 +299,7 @@ class TaskStore:
         return bool(await self.redis.ping())
 
 
-def _snapshot(values: bytes | None) -> bytes | None:
+def snapshot(values: bytes | None) -> bytes | None:
     """The stored NUL-joined values -> the task's JSON."""
     if values is None:
         return None

@@ -1,0 +1,151 @@
+"""The reconciler: finishes tasks whose callbacks never come.
+
+It watches the tasks holding an account's slots (everything sent and not yet final). A task
+with no stored update for ``reconcile_after`` seconds is polled at the provider, and what the
+provider says goes through the same transition as a callback (so a poll and a late callback
+never store one state twice). A task with no update for ``task_timeout`` (the providers' 15
+minutes; progress restarts it) fails as an inferred FAILURE, which frees its slot. An inferred
+FAILURE is not final: such tasks are polled for ``inferred_grace`` more, and a provider final
+found then replaces it.
+
+Many workers may run: a poll takes a short lock per task (one provider request per interval),
+and every write is an idempotent transition.
+
+`verify` is ``VERIFY_FINAL``: callbacks are unsigned, so a SUCCESS a callback claims is stored
+only as the provider confirms it when polled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from receiver.admission import Member
+from receiver.models import RANK_INFERRED_FAILURE, TaskStatus, Update, now_ms
+from receiver.providers import ProviderError
+from receiver.services import Services
+from receiver.settings import ProviderAccount
+from receiver.store import snapshot
+from receiver.tokens import CallbackClaims
+
+log = logging.getLogger("receiver.reconciler")
+VERIFY_TIMEOUT = 5.0
+
+
+class Reconciler:
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.settings = svc.settings
+        self.polls = 0  # provider requests made, for tests and metrics
+        self.inferred = 0
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        while True:
+            for account in self.settings.accounts.values():
+                try:
+                    await self.reconcile(account)
+                except RedisError as exc:
+                    log.warning("reconciling %s: Redis failed (%r)", account.name, exc)
+            await asyncio.sleep(self.settings.reconcile_interval)
+
+    async def reconcile(self, account: ProviderAccount) -> None:
+        svc, settings = self.svc, self.settings
+        await svc.admission.prune(account.name)
+        held = await svc.admission.holders(account.name)
+        now = now_ms()
+        for (member, sent_ms), task in zip(held, await self._snapshots(held), strict=True):
+            if task is None or TaskStatus(task["status"]).terminal:
+                continue
+            idle = (now - max(sent_ms, _ms(task["updated_at"]))) / 1000
+            if idle >= settings.task_timeout:
+                await self._infer_failure(account, member, idle)
+            elif idle >= settings.reconcile_after and task["provider_task_id"]:
+                await self._poll(account, member, task["provider_task_id"])
+        await self._recheck_inferred(account, now)
+
+    async def _recheck_inferred(self, account: ProviderAccount, now: int) -> None:
+        """Poll the tasks we failed ourselves, for a final the provider reached late."""
+        svc = self.svc
+        key = svc.store.keys.inferred(account.name)
+        pairs = await svc.redis.zrange(key, 0, -1, withscores=True)
+        held = [(Member.parse(m), int(score)) for m, score in pairs]
+        for (member, since), task in zip(held, await self._snapshots(held), strict=True):
+            expired = (now - since) / 1000 > self.settings.inferred_grace
+            if task is None or expired or task["_rank"] != RANK_INFERRED_FAILURE:
+                await svc.redis.zrem(key, str(member))
+            elif task["provider_task_id"]:
+                await self._poll(account, member, task["provider_task_id"])
+
+    async def _snapshots(self, held: list[tuple[Member, int]]) -> list[dict[str, Any] | None]:
+        """Each task as a dict (with ``_rank``), or None when it is gone."""
+        store = self.svc.store
+        async with self.svc.redis.pipeline(transaction=False) as pipe:
+            for member, _ in held:
+                pipe.hmget(store.keys.task(member.tenant, member.job_id), ["r", "v"])
+            replies = await pipe.execute()
+        out: list[dict[str, Any] | None] = []
+        for rank_, values in replies:
+            task = snapshot(values)
+            out.append(None if task is None else {**orjson.loads(task), "_rank": int(rank_)})
+        return out
+
+    async def _poll(self, account: ProviderAccount, member: Member, ptid: str) -> None:
+        lock = self.svc.store.keys.poll_lock(account.name, str(member))
+        ttl = max(1, int(self.settings.reconcile_after * 1000))
+        if not await self.svc.redis.set(lock, b"1", nx=True, px=ttl):
+            return  # another worker polled it within the interval
+        self.polls += 1
+        try:
+            update = await self.svc.clients[account.provider].fetch(ptid)
+        except ProviderError as exc:
+            log.info("polling %s at %s: %s", member, account.name, exc.detail)
+            return
+        claims = CallbackClaims(member.job_id, member.tenant, account.provider)
+        outcome = await self.svc.store.apply(claims, update)
+        if outcome.stored:
+            log.info("task %s: %s learned by polling", member, update.status.value)
+
+    async def _infer_failure(self, account: ProviderAccount, member: Member, idle: float) -> None:
+        claims = CallbackClaims(member.job_id, member.tenant, account.provider)
+        outcome = await self.svc.store.apply(claims, Update(
+            TaskStatus.FAILURE, inferred=True,
+            fail_reason=f"timed out: no update from {account.provider} for {idle:.0f} s "
+                        "(inferred by receiver; a later result from the provider replaces it)"))
+        if outcome.stored:
+            self.inferred += 1
+            log.warning("task %s timed out after %.0f s without an update", member, idle)
+            await self.svc.admission.prune(account.name)
+
+
+async def verify(svc: Services, claims: CallbackClaims, update: Update) -> Update | None:
+    """What to store for a callback that claims SUCCESS (``VERIFY_FINAL``): the provider's own
+    answer when polled, or None when it cannot be asked now (the reconciler asks later)."""
+    client = svc.clients.get(claims.provider)
+    if client is None:
+        return update  # a task submitted elsewhere: no account of ours to ask with
+    stored = await svc.redis.hget(  # type: ignore[misc]
+        svc.store.keys.task(claims.tenant, claims.job_id), "p")
+    ptid = stored.decode() if stored else update.provider_task_id
+    if not ptid:
+        return None
+    try:
+        async with asyncio.timeout(VERIFY_TIMEOUT):  # the provider waits for our answer
+            polled = await client.fetch(ptid)
+    except (ProviderError, TimeoutError) as exc:
+        log.info("verifying task %s: %r", claims.job_id, exc)
+        return None
+    if polled.status is not TaskStatus.SUCCESS:
+        log.warning("task %s: a callback claimed SUCCESS; %s says %s", claims.job_id,
+                    claims.provider, polled.status.value)
+    return polled
+
+
+def _ms(iso_time: str) -> int:
+    return int(datetime.fromisoformat(iso_time).timestamp() * 1000)
+

@@ -1,0 +1,177 @@
+"""``POST /tasks`` and ``GET /usage``: a tenant's task, checked, recorded, queued.
+
+Everything that can be known before the provider sees the task is checked here, so a mistake
+is a 4xx now and not a failed task later: the action and its inputs, the parent (the tenant's,
+of the same provider, finished, with the button pressed), the mode (an action keeps its
+parent's: the providers' account pools are separate), the price. The record is written
+before anything is sent, so a callback that beats the provider's answer finds its task; the
+dispatcher (`receiver.dispatcher`) sends it when the account has a free slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from receiver.admission import Member
+from receiver.api import JSONResponse, json_object, task_or_404
+from receiver.auth import authenticate
+from receiver.errors import BadRequest, Conflict
+from receiver.models import TaskStatus, new_job_id
+from receiver.pricing import usage_report
+from receiver.providers import (
+    ACTIONS,
+    Aigc2dClient,
+    ModeMismatch,
+    SubmitRequest,
+    UnknownParent,
+    button_action,
+    find_button,
+)
+from receiver.services import Services, services
+from receiver.tokens import CallbackClaims
+
+MODES: dict[str, tuple[str, ...]] = {
+    "mjproxy": ("FAST", "RELAX", "TURBO"), "ohmygpt": ("FAST", "NORMAL"), "aigc2d": ()}
+DEFAULT_MODE: dict[str, str] = {"ohmygpt": "FAST"}
+BUTTON_ACTIONS = ("UPSCALE", "VARIATION", "REROLL", "ZOOM", "PAN")
+DIMENSIONS = ("PORTRAIT", "SQUARE", "LANDSCAPE")
+MAX_PROMPT = 8192
+
+
+class ParentNotReady(Conflict):
+    code = "parent_not_ready"
+
+
+async def create_task(request: Request) -> Response:
+    tenant = authenticate(request)
+    svc = services(request)
+    body = await json_object(request, svc.settings.max_body_bytes)
+    return JSONResponse(await submit_task(svc, tenant, body), status_code=202)
+
+
+async def get_usage(request: Request) -> Response:
+    tenant = authenticate(request)
+    svc = services(request)
+    counters = await svc.redis.hgetall(svc.store.keys.usage(tenant))  # type: ignore[misc]
+    return JSONResponse({"tenant": tenant, **usage_report(counters)})
+
+
+async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes:
+    """Record the task (NOT_START) and queue it; returns its snapshot JSON."""
+    provider = svc.settings.provider_for(_text(body, "provider"))
+    if provider is None or provider not in svc.settings.accounts:
+        configured = sorted(svc.settings.accounts) or "none"
+        raise BadRequest(f"'provider' must be a configured provider (configured: {configured})")
+    account = svc.settings.accounts[provider]
+    action = (_text(body, "action") or "").upper() or None
+    mode = (_text(body, "mode") or "").upper() or None
+    if mode is not None and mode not in MODES[provider]:
+        offered = ", ".join(MODES[provider]) or "no modes"
+        raise BadRequest(f"{provider} has {offered}, not {mode!r}")
+    prompt = _text(body, "prompt", MAX_PROMPT)
+    images = _images(body)
+    dimensions = (_text(body, "dimensions") or "").upper() or None
+    if dimensions is not None and dimensions not in DIMENSIONS:
+        raise BadRequest(f"'dimensions' must be one of {', '.join(DIMENSIONS)}")
+    index = body.get("index")
+    if index is not None and (isinstance(index, bool) or index not in (1, 2, 3, 4)):
+        raise BadRequest("'index' must be 1, 2, 3 or 4")
+    parent_id = _text(body, "parent_id")
+    parent_ptid = custom_id = None
+    if parent_id is None:
+        action = action or "IMAGINE"
+        if action in BUTTON_ACTIONS:
+            raise BadRequest(f"{action} acts on a finished task: give its 'parent_id'")
+        mode = mode or DEFAULT_MODE.get(provider)
+    else:
+        parent = orjson.loads(await task_or_404(svc, tenant, parent_id))
+        if parent["provider"] != provider:
+            raise BadRequest(f"the parent is a {parent['provider']} task, not {provider}")
+        if parent["status"] != TaskStatus.SUCCESS or not parent["provider_task_id"]:
+            raise ParentNotReady(f"the parent is {parent['status']}; actions need SUCCESS")
+        if mode is not None and mode != parent["mode"]:
+            raise ModeMismatch(
+                f"the parent ran in {parent['mode']} mode; its actions must too (the "
+                f"provider's {parent['mode']} and {mode} pools are separate)", provider)
+        mode, parent_ptid = parent["mode"], parent["provider_task_id"]
+        action, custom_id = _button(parent, action, _text(body, "custom_id")
+                                    or _text(body, "button"), index, provider)
+    if action not in ACTIONS:
+        raise BadRequest(f"'action' must be one of {', '.join(ACTIONS)}")
+    if provider == "aigc2d" and action not in Aigc2dClient.PATHS:
+        raise BadRequest(f"aigc2d offers {', '.join(Aigc2dClient.PATHS)}, not {action}")
+    if action == "IMAGINE" and not prompt:
+        raise BadRequest("IMAGINE needs a 'prompt'")
+    if action == "DESCRIBE" and len(images) != 1:
+        raise BadRequest("DESCRIBE takes one image in 'images'")
+    if action == "BLEND" and not 2 <= len(images) <= 5:
+        raise BadRequest("BLEND takes 2 to 5 images in 'images'")
+
+    claims = CallbackClaims(new_job_id(), tenant, provider)
+    request = SubmitRequest(action, prompt, images, parent_ptid, custom_id, index, mode,
+                            dimensions)
+    control = {"a": account.name.encode(), "q": orjson.dumps(asdict(request))}
+    price = svc.prices.price(provider, mode, action)
+    cost = None
+    if price is not None:
+        cost = {"amount": price.amount, "unit": price.unit}
+        control["b"] = b"%s\0%d\0%d" % (price.ledger_field(provider, mode, action).encode(),
+                                        price.amount, price.refund_on_failure)
+    outcome = await svc.store.create(
+        claims, control=control, action=action, mode=mode, prompt=prompt,
+        parent_id=parent_id, cost=cost)
+    assert outcome.data is not None  # a fresh job id cannot exist already
+    await svc.admission.enqueue(account.name, Member(tenant, claims.job_id))
+    return outcome.data
+
+
+def _button(parent: dict[str, Any], action: str | None, button: str | None,
+            index: int | None, provider: str) -> tuple[str, str | None]:
+    """The action on the parent and its button's custom id (AIGC2D takes an index instead)."""
+    if button is not None:
+        found = next((b["custom_id"] for b in parent["buttons"]
+                      if button in (b["custom_id"], b.get("label"))), None)
+        if found is None:
+            raise UnknownParent(f"the parent has no button {button[:80]!r}", provider)
+        pressed = button_action(found)
+        if pressed is None:
+            raise BadRequest(f"button {button[:80]!r} is not an action this service sends")
+        if action is not None and action != pressed:
+            raise BadRequest(f"button {button[:80]!r} is {pressed}, not {action}")
+        return pressed, found
+    if action not in BUTTON_ACTIONS:
+        raise BadRequest(f"an action on a parent is one of {', '.join(BUTTON_ACTIONS)} (or "
+                         "give its 'custom_id')")
+    if provider == "aigc2d":
+        if action not in Aigc2dClient.PATHS:
+            raise BadRequest(f"aigc2d offers {', '.join(Aigc2dClient.PATHS)}, not {action}")
+        if index is None:
+            raise BadRequest(f"aigc2d's {action} needs an 'index' 1-4")
+        return action, None
+    found = find_button(parent["buttons"], action, index)
+    if found is None:
+        which = f"{action} {index}" if index else action
+        raise UnknownParent(f"the parent has no {which} button", provider)
+    return action, found
+
+
+def _text(body: dict[str, Any], name: str, limit: int = 256) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise BadRequest(f"{name!r} must be a string of at most {limit} characters")
+    return value.strip() or None
+
+
+def _images(body: dict[str, Any]) -> list[str]:
+    images = body.get("images") or []
+    if not isinstance(images, list) or len(images) > 5 or not all(
+            isinstance(i, str) and i for i in images):
+        raise BadRequest("'images' must be a list of up to 5 image URLs or data URLs")
+    return images

@@ -1,0 +1,61 @@
+"""``receiver worker``: the dispatcher and the reconciler, in one process (the Procfile's
+``worker``), or inside the web process (``receiver serve`` does so unless ``--no-worker``).
+
+Any number may run against one Redis: see `dispatcher` and `reconciler` for why that is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from receiver.dispatcher import Dispatcher
+from receiver.reconciler import Reconciler
+from receiver.services import Services
+from receiver.settings import Settings
+
+log = logging.getLogger("receiver.worker")
+
+
+class Worker:
+    def __init__(self, svc: Services) -> None:
+        self.dispatcher = Dispatcher(svc)
+        self.reconciler = Reconciler(svc)
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.dispatcher.run())
+            group.create_task(self.reconciler.run())
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+async def run_worker(settings: Settings) -> None:
+    """Until SIGTERM or SIGINT. Tasks being sent when it stops keep their slots; the
+    reconciler of any worker settles them."""
+    if not settings.accounts:
+        log.warning("no provider is configured (<PROVIDER>_BASE_URL): nothing to dispatch")
+    svc = Services.build(settings)
+    await svc.start()
+    worker = Worker(svc)
+    worker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker: dispatching for %s", ", ".join(settings.accounts) or "no provider")
+    try:
+        await stop.wait()
+    finally:
+        await worker.stop()
+        await svc.close()

@@ -1,0 +1,301 @@
+"""The whole lifecycle over real sockets: receiver (with its worker), the provider simulator,
+Redis. Submitted through POST /tasks, sent by the dispatcher, finished by callbacks or by the
+reconciler."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from starlette.datastructures import Secret
+
+from receiver.redis_server import RedisServer, free_port
+from receiver.settings import PROVIDERS, ProviderAccount
+from receiver.simulator import Faults, SimulatorConfig, create_simulator
+from tests.conftest import KEYS, LiveServer, base_settings, history
+
+FINAL = ("SUCCESS", "FAILURE", "CANCEL")
+Stack = Callable[..., tuple[LiveServer, LiveServer]]
+
+
+@pytest.fixture
+def stack(redis_server: RedisServer, r: redis.Redis) -> Iterator[Stack]:
+    """``stack(sim=SimulatorConfig(...), **settings)`` -> (receiver, simulator), both running,
+    the receiver's embedded worker sending to the simulator for every provider."""
+    started: list[LiveServer] = []
+
+    def make(sim: SimulatorConfig | None = None, limit: int = 3,
+             **overrides: Any) -> tuple[LiveServer, LiveServer]:
+        simulator = LiveServer(app=create_simulator(
+            sim or SimulatorConfig(step_interval=0.02, seed=7))).start()
+        started.append(simulator)
+        port = free_port()
+        overrides.setdefault("embedded_worker", True)
+        settings = base_settings(
+            redis_server.url, public_base_url=f"http://127.0.0.1:{port}",
+            accounts={p: ProviderAccount(p, simulator.url, Secret(f"sk-{p}"), limit)
+                      for p in PROVIDERS},
+            reconcile_after=0.5, reconcile_interval=0.1, **overrides)
+        receiver = LiveServer(settings, port=port).start()
+        started.append(receiver)
+        return receiver, simulator
+
+    yield make
+    for server in reversed(started):
+        server.stop()
+
+
+def submit(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = client.post("/tasks", json=body)
+    assert response.status_code == 202, response.text
+    task: dict[str, Any] = response.json()
+    assert task["status"] == "NOT_START"
+    return task
+
+
+def wait_final(client: httpx.Client, job_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        task: dict[str, Any] = client.get(f"/tasks/{job_id}").json()
+        if task["status"] in FINAL:
+            return task
+        assert time.monotonic() < deadline, f"task still {task['status']}: {task}"
+        time.sleep(0.05)
+
+
+def sim_stats(simulator: LiveServer) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(f"{simulator.url}/_sim/stats").json()
+    return stats
+
+
+def faults(simulator: LiveServer, **changes: Any) -> None:
+    httpx.post(f"{simulator.url}/_sim/faults", json=changes).raise_for_status()
+
+
+IMAGE = "https://example.com/a.png"
+
+
+@pytest.mark.parametrize("provider", ["mjproxy", "ohmygpt"])
+def test_every_action_reaches_success_with_its_fields(stack: Stack, provider: str) -> None:
+    receiver, simulator = stack()
+    with receiver.client("key-acme") as acme:
+        grid = wait_final(acme, submit(acme, provider=provider, prompt="a red fox")["id"])
+        assert grid["status"] == "SUCCESS", grid
+        assert grid["action"] == "IMAGINE" and grid["progress"] == 100
+        assert grid["provider_task_id"] and grid["image_url"].startswith(simulator.url)
+        assert [b["label"] for b in grid["buttons"]][:4] == ["U1", "U2", "U3", "U4"]
+        assert grid["submitted_at"] and grid["finished_at"]
+        upscale = wait_final(acme, submit(acme, provider=provider, parent_id=grid["id"],
+                                          action="UPSCALE", index=2)["id"])
+        assert upscale["status"] == "SUCCESS" and upscale["action"] == "UPSCALE"
+        assert upscale["parent_id"] == grid["id"] and upscale["mode"] == grid["mode"]
+        children = {
+            "VARIATION": {"parent_id": grid["id"], "button": "V3"},
+            "REROLL": {"parent_id": grid["id"], "action": "REROLL"},
+            "ZOOM": {"parent_id": upscale["id"], "custom_id": next(
+                b["custom_id"] for b in upscale["buttons"] if "Outpaint" in b["custom_id"])},
+            "PAN": {"parent_id": upscale["id"], "action": "PAN"},
+            "DESCRIBE": {"action": "DESCRIBE", "images": [IMAGE]},
+            "BLEND": {"action": "BLEND", "images": [IMAGE, IMAGE], "dimensions": "PORTRAIT"},
+        }
+        jobs = {action: submit(acme, provider=provider, **body)["id"]
+                for action, body in children.items()}
+        for action, job in jobs.items():
+            task = wait_final(acme, job)
+            assert task["status"] == "SUCCESS", task
+            assert task["action"] == action and task["provider"] == provider
+            if action == "DESCRIBE":
+                assert "1️⃣" in task["final_prompt"]
+            else:
+                assert task["image_url"], task
+    by_action = sim_stats(simulator)["by_action"][provider]
+    assert sum(by_action.values()) == 8
+
+
+def test_aigc2d_actions_by_index(stack: Stack) -> None:
+    receiver, simulator = stack()
+    with receiver.client("key-acme") as acme:
+        grid = wait_final(acme, submit(acme, provider="aigc2d", prompt="a red fox")["id"])
+        assert grid["status"] == "SUCCESS" and grid["mode"] is None
+        assert int(grid["provider_task_id"]) > 2**53  # exact, as a string
+        assert grid["cost"] == {"amount": 100, "unit": "points"}
+        jobs = [submit(acme, provider="aigc2d", parent_id=grid["id"], action=a, index=1)["id"]
+                for a in ("UPSCALE", "VARIATION")]
+        jobs += [submit(acme, provider="aigc2d", action="DESCRIBE", images=[IMAGE])["id"],
+                 submit(acme, provider="aigc2d", action="BLEND", images=[IMAGE] * 3)["id"]]
+        done = [wait_final(acme, job) for job in jobs]
+        assert [t["status"] for t in done] == ["SUCCESS"] * 4
+        assert [t["action"] for t in done] == ["UPSCALE", "VARIATION", "DESCRIBE", "BLEND"]
+        assert "1️⃣" in done[2]["final_prompt"] and done[2]["prompt"] is None
+        refused = acme.post("/tasks", json={"provider": "aigc2d", "parent_id": grid["id"],
+                                            "action": "PAN"})
+        assert refused.status_code == 400 and "aigc2d offers" in refused.json()["detail"]
+
+
+def test_modes_are_inherited_and_a_mismatch_is_409(stack: Stack) -> None:
+    receiver, simulator = stack()
+    with receiver.client("key-acme") as acme:
+        grid = wait_final(acme, submit(acme, provider="ohmygpt", prompt="fox",
+                                       mode="normal")["id"])
+        assert grid["mode"] == "NORMAL"
+        clash = acme.post("/tasks", json={"provider": "ohmygpt", "parent_id": grid["id"],
+                                          "button": "U1", "mode": "FAST"})
+        assert clash.status_code == 409, clash.text
+        assert clash.json()["error"] == "mode_mismatch"
+        child = wait_final(acme, submit(acme, provider="ohmygpt", parent_id=grid["id"],
+                                        button="U1")["id"])
+        assert child["mode"] == "NORMAL" and child["status"] == "SUCCESS"
+        relax = wait_final(acme, submit(acme, provider="mjproxy", prompt="fox",
+                                        mode="RELAX")["id"])
+        assert relax["mode"] == "RELAX"
+        assert acme.post("/tasks", json={"provider": "mjproxy", "parent_id": relax["id"],
+                                         "button": "U1", "mode": "TURBO"}).status_code == 409
+        assert acme.post("/tasks", json={"provider": "ohmygpt", "prompt": "x",
+                                         "mode": "RELAX"}).status_code == 400
+    assert sim_stats(simulator)["by_mode"]["ohmygpt"] == {"NORMAL": 2}
+    assert sim_stats(simulator)["by_mode"]["mjproxy"] == {"RELAX": 1}
+
+
+def test_bad_submissions_are_clear_4xx_and_store_nothing(stack: Stack, r: redis.Redis) -> None:
+    receiver, _ = stack()
+    with receiver.client("key-acme") as acme:
+        cases = [
+            ({"provider": "nope", "prompt": "x"}, 400),
+            ({"provider": "mjproxy"}, 400),  # IMAGINE without a prompt
+            ({"provider": "mjproxy", "action": "BLEND", "images": [IMAGE]}, 400),
+            ({"provider": "mjproxy", "action": "UPSCALE", "index": 1}, 400),  # no parent
+            ({"provider": "mjproxy", "parent_id": "0" * 20, "action": "UPSCALE"}, 404),
+            ({"provider": "mjproxy", "prompt": "x", "index": 7}, 400),
+            ({"provider": "mjproxy", "prompt": 5}, 400),
+        ]
+        for body, status in cases:
+            response = acme.post("/tasks", json=body)
+            assert response.status_code == status, (body, response.text)
+            assert set(response.json()) == {"error", "detail"}
+        assert acme.post("/tasks", content=b"[1").status_code == 400
+    assert r.keys(f"{KEYS.prefix}:task:*") == []
+
+
+def test_a_banned_prompt_fails_with_the_word_and_frees_its_slot(stack: Stack) -> None:
+    receiver, simulator = stack(limit=1)
+    with receiver.client("key-acme") as acme:
+        banned = wait_final(acme, submit(acme, provider="mjproxy", prompt="a banned fox")["id"])
+        assert banned["status"] == "FAILURE" and "banned" in banned["fail_reason"]
+        ok = wait_final(acme, submit(acme, provider="mjproxy", prompt="a red fox")["id"])
+        assert ok["status"] == "SUCCESS"  # the one slot was free again
+        assert acme.get("/usage").json()["by"] == []  # mjproxy has no price table
+
+
+def test_sixty_tasks_against_a_limit_of_three(stack: Stack) -> None:
+    receiver, simulator = stack(sim=SimulatorConfig(step_interval=0.01, queue_limit=3, seed=3),
+                                limit=3)
+    with receiver.client("key-acme") as acme:
+        jobs = [submit(acme, provider="ohmygpt", prompt=f"fox {i}")["id"] for i in range(60)]
+        done = [wait_final(acme, job, timeout=60) for job in jobs]
+    assert [t["status"] for t in done] == ["SUCCESS"] * 60
+    stats = sim_stats(simulator)
+    assert stats["submitted"] == 60  # none refused as queue-full, none sent twice
+    assert stats["max_in_flight"] == {"sk-ohmygpt": 3}
+    # oldest first: the provider ids follow the submission order
+    ids = [int(t["provider_task_id"]) for t in done]
+    assert ids == sorted(ids)
+
+
+def test_two_dispatchers_never_double_submit(stack: Stack, r: redis.Redis) -> None:
+    sim = SimulatorConfig(step_interval=0.01, queue_limit=4, seed=5)
+    receiver, simulator = stack(sim=sim, limit=4)
+    # a second receiver process on the same Redis, its worker sending to the same account
+    port = free_port()
+    other = LiveServer(base_settings(
+        receiver.settings.redis_url, public_base_url=f"http://127.0.0.1:{port}",
+        accounts=receiver.settings.accounts, embedded_worker=True), port=port).start()
+    try:
+        with receiver.client("key-acme") as one, other.client("key-acme") as two:
+            jobs = [submit(one if i % 2 else two, provider="mjproxy", prompt=f"fox {i}")["id"]
+                    for i in range(40)]
+            done = [wait_final(one, job, timeout=60) for job in jobs]
+    finally:
+        other.stop()
+    assert [t["status"] for t in done] == ["SUCCESS"] * 40
+    stats = sim_stats(simulator)
+    assert stats["submitted"] == 40
+    assert stats["max_in_flight"] == {"sk-mjproxy": 4}
+    assert len({t["provider_task_id"] for t in done}) == 40
+    for task in done:  # sent once: one task.submitted at most (a callback may beat it)
+        events = [h[b"event"] for h in history(r, "acme", task["id"])]
+        assert events.count(b"task.submitted") <= 1 and events[-1] == b"task.succeeded"
+
+
+def test_dropped_callbacks_are_finished_by_polling(stack: Stack) -> None:
+    receiver, simulator = stack()
+    faults(simulator, drop_callbacks=1.0)
+    with receiver.client("key-acme") as acme:
+        task = wait_final(acme, submit(acme, provider="aigc2d", prompt="a quiet fox")["id"])
+    assert task["status"] == "SUCCESS" and task["image_url"]
+    assert sim_stats(simulator)["callbacks_sent"] == 0
+
+
+def test_a_stalled_task_times_out_and_a_later_success_still_wins(stack: Stack) -> None:
+    receiver, simulator = stack(task_timeout=1.0)
+    faults(simulator, strip_callback_url=True, never_finish=True)
+    with receiver.client("key-acme") as acme:
+        job = submit(acme, provider="mjproxy", prompt="a patient fox")["id"]
+        failed = wait_final(acme, job)
+        assert failed["status"] == "FAILURE" and "timed out" in failed["fail_reason"]
+        faults(simulator, never_finish=False)
+        deadline = time.monotonic() + 20
+        while (task := acme.get(f"/tasks/{job}").json())["status"] != "SUCCESS":
+            assert time.monotonic() < deadline, task
+            time.sleep(0.05)
+    assert task["fail_reason"] is None and task["progress"] == 100
+
+
+def test_the_ledger_matches_the_price_tables_with_refunds(stack: Stack) -> None:
+    receiver, simulator = stack()
+    with receiver.client("key-acme") as acme:
+        grid = wait_final(acme, submit(acme, provider="aigc2d", prompt="fox")["id"])
+        wait_final(acme, submit(acme, provider="aigc2d", parent_id=grid["id"],
+                                action="UPSCALE", index=1)["id"])
+        fast = wait_final(acme, submit(acme, provider="ohmygpt", prompt="fox")["id"])
+        wait_final(acme, submit(acme, provider="ohmygpt", prompt="fox", mode="NORMAL")["id"])
+        wait_final(acme, submit(acme, provider="ohmygpt", parent_id=fast["id"],
+                                button="V1")["id"])
+        faults(simulator, fail_tasks=1.0)
+        failed = [wait_final(acme, submit(acme, provider=p, prompt="fox")["id"])
+                  for p in ("aigc2d", "ohmygpt")]
+        assert [t["status"] for t in failed] == ["FAILURE", "FAILURE"]
+        usage = acme.get("/usage").json()
+        with receiver.client("key-beta") as beta:
+            assert beta.get("/usage").json()["by"] == []  # per tenant
+    rows = {(row["provider"], row["mode"], row["action"]): row for row in usage["by"]}
+    assert rows[("aigc2d", None, "IMAGINE")] == {
+        "provider": "aigc2d", "mode": None, "action": "IMAGINE", "unit": "points",
+        "tasks": 2, "spent": 200, "refunded": 100, "net": 100}
+    assert rows[("aigc2d", None, "UPSCALE")]["net"] == 10
+    assert rows[("ohmygpt", "FAST", "IMAGINE")]["spent"] == 28000
+    assert rows[("ohmygpt", "FAST", "IMAGINE")]["refunded"] == 14000
+    assert rows[("ohmygpt", "NORMAL", "IMAGINE")]["net"] == 7000
+    assert rows[("ohmygpt", "FAST", "VARIATION")]["net"] == 14000
+    assert usage["totals"] == {
+        "points": {"tasks": 3, "spent": 210, "refunded": 100, "net": 110},
+        "tokens": {"tasks": 4, "spent": 49000, "refunded": 14000, "net": 35000}}
+
+
+def test_a_refund_is_taken_back_when_a_late_success_replaces_a_timeout(stack: Stack) -> None:
+    receiver, simulator = stack(task_timeout=1.0)
+    faults(simulator, strip_callback_url=True, never_finish=True)
+    with receiver.client("key-acme") as acme:
+        job = submit(acme, provider="aigc2d", prompt="fox")["id"]
+        assert wait_final(acme, job)["status"] == "FAILURE"
+        assert acme.get("/usage").json()["totals"]["points"]["net"] == 0
+        faults(simulator, never_finish=False)
+        deadline = time.monotonic() + 20
+        while acme.get(f"/tasks/{job}").json()["status"] != "SUCCESS":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert acme.get("/usage").json()["totals"]["points"] == {
+            "tasks": 1, "spent": 100, "refunded": 0, "net": 100}
