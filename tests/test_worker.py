@@ -130,7 +130,7 @@ def test_aigc2d_actions_by_index(stack: Stack) -> None:
         done = [wait_final(acme, job) for job in jobs]
         assert [t["status"] for t in done] == ["SUCCESS"] * 4
         assert [t["action"] for t in done] == ["UPSCALE", "VARIATION", "DESCRIBE", "BLEND"]
-        assert "1️⃣" in done[2]["final_prompt"] and done[2]["prompt"] is None
+        assert "1️⃣" in done[2]["final_prompt"] and not done[2]["prompt"]
         refused = acme.post("/tasks", json={"provider": "aigc2d", "parent_id": grid["id"],
                                             "action": "PAN"})
         assert refused.status_code == 400 and "aigc2d offers" in refused.json()["detail"]
