@@ -1,19 +1,30 @@
-"""``receiver``: the command line. ``receiver serve`` runs the web service."""
+"""``receiver``: the command line. ``receiver serve`` runs the web service; ``receiver
+worker`` the dispatcher and reconciler; ``receiver submit`` sends a task through a running
+service; ``receiver watch`` follows tasks; ``receiver simulate`` plays the providers."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import secrets
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from receiver.redis_server import RedisServer, RedisServerError
-from receiver.settings import Settings, SettingsError, is_loopback
+import httpx
+
+from receiver.redis_server import RedisServer, RedisServerError, free_port
+from receiver.settings import PROVIDERS, Settings, SettingsError, is_loopback
 
 DATA_DIR = Path(os.environ.get("RECEIVER_DATA_DIR", ".receiver"))
 log = logging.getLogger("receiver")
+
+
+class StartError(RuntimeError):
+    """A child process `receiver serve` needs did not start."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +35,35 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--port", type=int, help="port to bind (PORT)")
     serve_cmd.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve_cmd.add_argument("--no-access-log", action="store_true", help="no request lines")
+    serve_cmd.add_argument("--no-worker", action="store_true",
+                           help="no dispatcher and reconciler in this process (run "
+                           "`receiver worker` instead)")
+    commands.add_parser("worker", help="run the dispatcher and the reconciler")
     watch_cmd = commands.add_parser("watch", help="live progress bars of tasks")
     watch_cmd.add_argument("task_id", nargs="?", help="one task (else every task)")
-    watch_cmd.add_argument("--url", default=os.environ.get("RECEIVER_URL"),
-                           help="the service (RECEIVER_URL; default http://127.0.0.1:PORT)")
-    watch_cmd.add_argument("--api-key", default=os.environ.get("RECEIVER_API_KEY"),
-                           help="your API key (RECEIVER_API_KEY)")
+    submit_cmd = commands.add_parser("submit", help="send a task through a running service")
+    submit_cmd.add_argument("prompt", nargs="?", help="the prompt (IMAGINE)")
+    submit_cmd.add_argument("--provider", help="mjproxy, ohmygpt or aigc2d (else the "
+                            "service's default)")
+    submit_cmd.add_argument("--action", help="IMAGINE (default), UPSCALE, VARIATION, REROLL, "
+                            "ZOOM, PAN, DESCRIBE, BLEND")
+    submit_cmd.add_argument("--mode", help="FAST, RELAX, TURBO (mjproxy); FAST, NORMAL "
+                            "(ohmygpt)")
+    submit_cmd.add_argument("--parent", help="the task an action acts on")
+    submit_cmd.add_argument("--button", help="the parent's button: a label (U1, V2) or a "
+                            "custom id")
+    submit_cmd.add_argument("--index", type=int, help="1-4, with --action")
+    submit_cmd.add_argument("--image", action="append", default=[],
+                            help="an image URL (DESCRIBE: one; BLEND: 2 to 5)")
+    submit_cmd.add_argument("--dimensions", help="PORTRAIT, SQUARE or LANDSCAPE (BLEND)")
+    submit_cmd.add_argument("--watch", action="store_true", help="show its progress until "
+                            "it ends")
+    for client_cmd in (watch_cmd, submit_cmd):
+        client_cmd.add_argument("--url", default=os.environ.get("RECEIVER_URL"),
+                                help="the service (RECEIVER_URL; default "
+                                "http://127.0.0.1:PORT)")
+        client_cmd.add_argument("--api-key", default=os.environ.get("RECEIVER_API_KEY"),
+                                help="your API key (RECEIVER_API_KEY)")
     sim_cmd = commands.add_parser("simulate", help="play the providers (mjproxy, ohmygpt, "
                                   "aigc2d) for local runs and tests")
     sim_cmd.add_argument("--host", default="127.0.0.1", help="address to bind")
@@ -39,19 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     sim_cmd.add_argument("--queue-limit", type=int,
                          help="unfinished tasks per key before the queue is full")
     args = parser.parse_args(argv)
-    verbose = args.command == "serve"  # the others draw on the terminal: warnings only
+    verbose = args.command in ("serve", "worker")  # the others draw on the terminal
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "simulate":
         return simulate(args)
-    if args.command == "watch":
+    if args.command in ("watch", "submit"):
         from receiver.watch import watch
 
         url = args.url or f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
+        if args.command == "submit":
+            return submit(url, args)
         return watch(url, args.api_key, args.task_id)
     try:
+        if args.command == "worker":
+            return worker()
         return serve(args)
-    except (SettingsError, RedisServerError) as exc:
+    except (SettingsError, RedisServerError, StartError) as exc:
         print(f"receiver: {exc}", file=sys.stderr)
         return 2
 
@@ -69,15 +107,19 @@ def serve(args: argparse.Namespace) -> int:
         # Tokens must outlive a restart, or every task in flight loses its callbacks.
         os.environ["RECEIVER_SECRET_KEYS"] = _local_secret()
         log.info("no RECEIVER_SECRET_KEYS: using the key kept in %s", DATA_DIR / "secret_key")
+    os.environ.update(HOST=host, PORT=str(port))  # the worker's callback URLs point here
+    if not args.no_worker:
+        os.environ["EMBEDDED_WORKER"] = "true"
+    simulator = _start_simulator() if not settings.accounts else None
     embedded = None
-    if not settings.redis_url:
-        embedded = RedisServer(DATA_DIR / "redis").start()
-        os.environ["REDIS_URL"] = embedded.url
-        log.info("no REDIS_URL: started redis-server on %s (data in %s)",
-                 embedded.url, embedded.data_dir)
-    print(f"receiver: serving on http://{host}:{port}/ (health: /healthz, API: /openapi.json)",
-          flush=True)
     try:
+        if not settings.redis_url:
+            embedded = RedisServer(DATA_DIR / "redis").start()
+            os.environ["REDIS_URL"] = embedded.url
+            log.info("no REDIS_URL: started redis-server on %s (data in %s)",
+                     embedded.url, embedded.data_dir)
+        print(f"receiver: serving on http://{host}:{port}/ (health: /healthz, API: "
+              "/openapi.json)", flush=True)
         uvicorn.run(
             "receiver.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, access_log=not args.no_access_log,
@@ -86,7 +128,68 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+        if simulator is not None:
+            simulator.terminate()
+            simulator.wait(10)
     return 0
+
+
+def worker() -> int:
+    from receiver.worker import run_worker
+
+    settings = Settings.from_env()
+    if not settings.redis_url:
+        raise SettingsError("the worker needs the service's Redis: set REDIS_URL")
+    asyncio.run(run_worker(settings))
+    return 0
+
+
+def submit(url: str, args: argparse.Namespace) -> int:
+    body = {"provider": args.provider, "action": args.action, "prompt": args.prompt,
+            "mode": args.mode, "parent_id": args.parent, "button": args.button,
+            "index": args.index, "images": args.image or None, "dimensions": args.dimensions}
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/tasks", headers=headers, timeout=30.0,
+                              json={k: v for k, v in body.items() if v is not None})
+    except httpx.TransportError as exc:
+        print(f"receiver: cannot reach {url}: {exc}", file=sys.stderr)
+        return 2
+    if response.status_code != 202:
+        print(f"receiver: {response.status_code} {response.text}", file=sys.stderr)
+        return 1
+    task = response.json()
+    if not args.watch:
+        print(response.text)
+        return 0
+    from receiver.watch import watch
+
+    print(f"task {task['id']} ({task['provider']} {task['action']})", flush=True)
+    return watch(url, args.api_key, task["id"])
+
+
+def _start_simulator() -> subprocess.Popen[bytes]:
+    """No provider configured: play them all with the simulator, in a child process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    child = subprocess.Popen([sys.executable, "-m", "receiver.cli", "simulate",
+                              "--port", str(port)])
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            httpx.get(f"{url}/_sim/stats", timeout=1.0)
+            break
+        except httpx.TransportError:
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise StartError("the provider simulator did not start") from None
+            time.sleep(0.1)
+    for provider in PROVIDERS:
+        os.environ[f"{provider.upper()}_BASE_URL"] = url
+        os.environ[f"{provider.upper()}_API_KEY"] = f"sim-{provider}"
+    os.environ.setdefault("DEFAULT_PROVIDER", "mjproxy")
+    log.info("no provider configured: the simulator plays mjproxy, ohmygpt and aigc2d on %s",
+             url)
+    return child
 
 
 def simulate(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ from receiver import __version__
 from receiver.api import JSONResponse
 from receiver.dialects import DIALECTS
 from receiver.models import EventKind, TaskStatus
+from receiver.providers import ACTIONS
+from receiver.submitter import DIMENSIONS, MAX_PROMPT, MODES
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -32,6 +34,13 @@ _TENANT_ERRORS = {
     "401": _error("No or invalid API key"),
     "403": _error("Open mode (no API keys) and a non-loopback client"),
     "503": _error("Redis is unavailable"),
+}
+
+_LEDGER_COUNTERS = {
+    "tasks": {"type": "integer", "description": "tasks charged"},
+    "spent": {"type": "integer", "description": "charged when the provider accepted them"},
+    "refunded": {"type": "integer", "description": "given back for failed tasks"},
+    "net": {"type": "integer", "description": "spent - refunded"},
 }
 
 _SSE_PARAMETERS = [
@@ -132,9 +141,79 @@ SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "required": ["result", "job_id", "version"],
                 "properties": {
-                    "result": {"type": "string", "enum": ["stored", "duplicate", "stale"]},
+                    "result": {"type": "string",
+                               "enum": ["stored", "duplicate", "stale", "verifying"]},
                     "job_id": {"type": "string"},
-                    "version": {"type": ["integer", "null"]},
+                    "version": {"type": ["integer", "null"],
+                                "description": "null when the result is verifying"},
+                },
+            },
+            "NewTask": {
+                "type": "object",
+                "description": "IMAGINE (a prompt), DESCRIBE (one image), BLEND (2-5 images), "
+                               "or an action on a finished task of the tenant (parent_id, "
+                               "and a button: its custom_id or label, or action and index). "
+                               "action, mode and dimensions are case-insensitive.",
+                "properties": {
+                    "provider": {"type": "string", "enum": sorted(DIALECTS),
+                                 "description": "default: DEFAULT_PROVIDER, else the only "
+                                                "configured one"},
+                    "action": {"type": "string", "enum": list(ACTIONS),
+                               "description": "default IMAGINE; with a button, the "
+                                              "button's action"},
+                    "prompt": {"type": "string", "maxLength": MAX_PROMPT},
+                    "images": {"type": "array", "maxItems": 5,
+                               "items": {"type": "string", "minLength": 1},
+                               "description": "image URLs or data URLs"},
+                    "parent_id": {"type": "string",
+                                  "description": "the job id of the task to act on"},
+                    "button": {"type": "string",
+                               "description": "the parent's button, by label (U1) or "
+                                              "custom id"},
+                    "custom_id": {"type": "string",
+                                  "description": "the parent's button, by custom id"},
+                    "index": {"type": "integer", "enum": [1, 2, 3, 4],
+                              "description": "the image of the grid, for UPSCALE and "
+                                             "VARIATION"},
+                    "mode": {"type": "string",
+                             "enum": sorted({m for ms in MODES.values() for m in ms}),
+                             "description": "mjproxy FAST, RELAX, TURBO; ohmygpt FAST "
+                                            "(default), NORMAL; aigc2d none; an action "
+                                            "inherits its parent's"},
+                    "dimensions": {"type": "string", "enum": list(DIMENSIONS),
+                                   "description": "for BLEND"},
+                },
+            },
+            "Usage": {
+                "type": "object",
+                "required": ["tenant", "totals", "by"],
+                "properties": {
+                    "tenant": {"type": "string"},
+                    "totals": {
+                        "type": "object",
+                        "description": "keyed by unit (tokens, points, ...)",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": list(_LEDGER_COUNTERS),
+                            "properties": _LEDGER_COUNTERS,
+                        },
+                    },
+                    "by": {
+                        "type": "array",
+                        "description": "one row per provider, mode and action",
+                        "items": {
+                            "type": "object",
+                            "required": ["provider", "mode", "action", "unit",
+                                         *_LEDGER_COUNTERS],
+                            "properties": {
+                                "provider": {"type": "string"},
+                                "mode": _NULLABLE_STR,
+                                "action": {"type": "string"},
+                                "unit": {"type": "string"},
+                                **_LEDGER_COUNTERS,
+                            },
+                        },
+                    },
                 },
             },
         },
@@ -155,6 +234,8 @@ SCHEMA: dict[str, Any] = {
                 },
                 "responses": {
                     "200": _ok("Stored, or recognised as a duplicate or stale", "CallbackResult"),
+                    "202": _ok("VERIFY_FINAL: a SUCCESS the provider could not be asked to "
+                               "confirm now; nothing stored, polling settles it", "CallbackResult"),
                     "400": _error("The body is not a task of that dialect"),
                     "401": _error("No token, or a bad or expired one"),
                     "403": _error("The token is for another job or provider"),
@@ -207,7 +288,29 @@ SCHEMA: dict[str, Any] = {
                     "400": _error("Bad query parameter"),
                     **_TENANT_ERRORS,
                 },
-            }
+            },
+            "post": {
+                "summary": "Submit a task: recorded (NOT_START), queued, sent to the provider "
+                           "when its account has a free slot",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/NewTask"}}},
+                },
+                "responses": {
+                    "202": _ok("The task, queued", "Task"),
+                    "400": _error("Bad request body: unknown provider or action, a mode the "
+                                  "provider does not have, missing prompt or images, a "
+                                  "parent of another provider..."),
+                    "404": _error("task_not_found: no parent task for this tenant; "
+                                  "unknown_parent: the parent has no such button"),
+                    "409": _error("mode_mismatch: a mode other than the parent's; "
+                                  "parent_not_ready: the parent has not succeeded"),
+                    "413": _error("The body is over the limit"),
+                    **_TENANT_ERRORS,
+                },
+            },
         },
         "/tasks/{job_id}": {
             "get": {
@@ -268,6 +371,17 @@ SCHEMA: dict[str, Any] = {
                     "201": _ok("The token and the events URL to use it on", "SubscribeToken"),
                     "400": _error("Bad request body"),
                     "404": _error("No such task for this tenant"),
+                    **_TENANT_ERRORS,
+                },
+            }
+        },
+        "/usage": {
+            "get": {
+                "summary": "The tenant's cost ledger: spent and refunded, by provider, mode and "
+                           "action",
+                "security": [{"bearer": []}],
+                "responses": {
+                    "200": _ok("The ledger", "Usage"),
                     **_TENANT_ERRORS,
                 },
             }

@@ -129,7 +129,8 @@ class Settings:
 
     def callback_base(self) -> str:
         """What callback URLs start with when no request tells (the worker's submits)."""
-        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return (self.public_base_url or f"http://{host}:{self.port}").rstrip("/")
 
     def provider_for(self, provider: str | None) -> str | None:
         """The provider named, else the default, else the only one configured."""

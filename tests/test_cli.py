@@ -1,4 +1,5 @@
-"""``receiver serve`` as `make run` runs it: no REDIS_URL, no keys, a fresh data folder."""
+"""``receiver serve`` as `make run` runs it: no REDIS_URL, no keys, no provider, a fresh data
+folder; and ``receiver submit --watch`` against it."""
 
 from __future__ import annotations
 
@@ -16,30 +17,40 @@ from receiver.redis_server import free_port
 from tests.conftest import TIMEOUT, sample
 
 
-def test_serve_starts_its_own_redis_and_accepts_a_minted_callback(tmp_path: Path) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("REDIS_URL", "RECEIVER_API_KEYS", "RECEIVER_SECRET_KEYS")}
-    env.update(RECEIVER_DATA_DIR=str(tmp_path / "data"), PORT=str(port))
+def serve(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`receiver serve --host 0.0.0.0`, logging to serve.log, once it answers /healthz."""
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "receiver.cli", "serve", "--host", "0.0.0.0"],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
-    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{env['PORT']}/healthz").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.1)
+
+
+def fresh_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "REDIS_URL", "RECEIVER_API_KEYS", "RECEIVER_SECRET_KEYS", "DEFAULT_PROVIDER",
+        *(f"{p}_BASE_URL" for p in ("MJPROXY", "OHMYGPT", "AIGC2D")))}
+    env.update(RECEIVER_DATA_DIR=str(tmp_path / "data"), PORT=str(free_port()))
+    return env
+
+
+def test_serve_starts_its_own_redis_and_accepts_a_minted_callback(tmp_path: Path) -> None:
+    env = fresh_env(tmp_path)
+    log_path = tmp_path / "serve.log"
+    proc = serve(tmp_path, env)
     try:
-        with httpx.Client(base_url=base, timeout=TIMEOUT) as client:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{env['PORT']}", timeout=TIMEOUT) as client:
             minted = client.post("/callback-urls", json={"provider": "mjproxy"}).json()
             url = minted["callback_url"]
             answer = client.post(url, content=sample("mjproxy-success.json"))
@@ -62,3 +73,23 @@ def test_serve_starts_its_own_redis_and_accepts_a_minted_callback(tmp_path: Path
     except redis.ConnectionError:
         alive = False
     assert not alive
+
+
+def test_submit_watch_on_a_fresh_service_shows_a_task_reach_100(tmp_path: Path) -> None:
+    env = fresh_env(tmp_path)
+    proc = serve(tmp_path, env)
+    try:
+        watched = subprocess.run(
+            [sys.executable, "-m", "receiver.cli", "submit", "a red fox", "--watch"],
+            env={**env, "COLUMNS": "100"}, capture_output=True, text=True, timeout=60)
+        listed = httpx.get(f"http://127.0.0.1:{env['PORT']}/tasks").json()["tasks"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    assert "100%" in watched.stdout and "SUCCESS" in watched.stdout
+    assert "━" in watched.stdout  # the bar
+    [task] = listed  # sent to the simulator (mjproxy by default) and finished
+    assert task["status"] == "SUCCESS" and task["provider"] == "mjproxy"
+    assert task["prompt"] == "a red fox" and task["image_url"]
+    assert "simulator plays mjproxy, ohmygpt and aigc2d" in (tmp_path / "serve.log").read_text()
