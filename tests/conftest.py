@@ -20,7 +20,8 @@ from starlette.datastructures import Secret
 from receiver.app import create_app
 from receiver.constants import Keys
 from receiver.redis_server import RedisServer, free_port
-from receiver.settings import Settings
+from receiver.settings import PROVIDERS, ProviderAccount, Settings
+from receiver.simulator import SimulatorConfig, create_simulator
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 if not SAMPLES.is_dir():  # the samples travel with the repository too
@@ -140,3 +141,63 @@ def mint(client: httpx.Client, provider: str = "mjproxy", **fields: Any) -> tupl
 def history(r: redis.Redis, tenant: str, job_id: str) -> list[dict[bytes, bytes]]:
     """The stored transitions of one task, oldest first."""
     return [fields for _, fields in r.xrange(KEYS.history(tenant, job_id))]
+
+
+# --- the submitter's stack: receiver with its worker, and the provider simulator ----
+
+FINAL = ("SUCCESS", "FAILURE", "CANCEL")
+Stack = Callable[..., tuple[LiveServer, LiveServer]]
+
+
+@pytest.fixture
+def stack(redis_server: RedisServer, r: redis.Redis) -> Iterator[Stack]:
+    """``stack(sim=SimulatorConfig(...), **settings)`` -> (receiver, simulator), both running,
+    the receiver's embedded worker sending to the simulator for every provider."""
+    started: list[LiveServer] = []
+
+    def make(sim: SimulatorConfig | None = None, limit: int = 3,
+             **overrides: Any) -> tuple[LiveServer, LiveServer]:
+        simulator = LiveServer(app=create_simulator(
+            sim or SimulatorConfig(step_interval=0.02, seed=7))).start()
+        started.append(simulator)
+        port = free_port()
+        overrides.setdefault("embedded_worker", True)
+        settings = base_settings(
+            redis_server.url, public_base_url=f"http://127.0.0.1:{port}",
+            accounts={p: ProviderAccount(p, simulator.url, Secret(f"sk-{p}"), limit)
+                      for p in PROVIDERS},
+            reconcile_after=0.5, reconcile_interval=0.1, **overrides)
+        receiver = LiveServer(settings, port=port).start()
+        started.append(receiver)
+        return receiver, simulator
+
+    yield make
+    for server in reversed(started):
+        server.stop()
+
+
+def submit(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = client.post("/tasks", json=body)
+    assert response.status_code == 202, response.text
+    task: dict[str, Any] = response.json()
+    assert task["status"] == "NOT_START"
+    return task
+
+
+def wait_final(client: httpx.Client, job_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        task: dict[str, Any] = client.get(f"/tasks/{job_id}").json()
+        if task["status"] in FINAL:
+            return task
+        assert time.monotonic() < deadline, f"task still {task['status']}: {task}"
+        time.sleep(0.05)
+
+
+def sim_stats(simulator: LiveServer) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(f"{simulator.url}/_sim/stats").json()
+    return stats
+
+
+def faults(simulator: LiveServer, **changes: Any) -> None:
+    httpx.post(f"{simulator.url}/_sim/faults", json=changes).raise_for_status()

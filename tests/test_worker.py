@@ -5,76 +5,23 @@ reconciler."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
-import httpx
 import pytest
 import redis
-from starlette.datastructures import Secret
 
-from receiver.redis_server import RedisServer, free_port
-from receiver.settings import PROVIDERS, ProviderAccount
-from receiver.simulator import Faults, SimulatorConfig, create_simulator
-from tests.conftest import KEYS, LiveServer, base_settings, history
-
-FINAL = ("SUCCESS", "FAILURE", "CANCEL")
-Stack = Callable[..., tuple[LiveServer, LiveServer]]
-
-
-@pytest.fixture
-def stack(redis_server: RedisServer, r: redis.Redis) -> Iterator[Stack]:
-    """``stack(sim=SimulatorConfig(...), **settings)`` -> (receiver, simulator), both running,
-    the receiver's embedded worker sending to the simulator for every provider."""
-    started: list[LiveServer] = []
-
-    def make(sim: SimulatorConfig | None = None, limit: int = 3,
-             **overrides: Any) -> tuple[LiveServer, LiveServer]:
-        simulator = LiveServer(app=create_simulator(
-            sim or SimulatorConfig(step_interval=0.02, seed=7))).start()
-        started.append(simulator)
-        port = free_port()
-        overrides.setdefault("embedded_worker", True)
-        settings = base_settings(
-            redis_server.url, public_base_url=f"http://127.0.0.1:{port}",
-            accounts={p: ProviderAccount(p, simulator.url, Secret(f"sk-{p}"), limit)
-                      for p in PROVIDERS},
-            reconcile_after=0.5, reconcile_interval=0.1, **overrides)
-        receiver = LiveServer(settings, port=port).start()
-        started.append(receiver)
-        return receiver, simulator
-
-    yield make
-    for server in reversed(started):
-        server.stop()
-
-
-def submit(client: httpx.Client, **body: Any) -> dict[str, Any]:
-    response = client.post("/tasks", json=body)
-    assert response.status_code == 202, response.text
-    task: dict[str, Any] = response.json()
-    assert task["status"] == "NOT_START"
-    return task
-
-
-def wait_final(client: httpx.Client, job_id: str, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        task: dict[str, Any] = client.get(f"/tasks/{job_id}").json()
-        if task["status"] in FINAL:
-            return task
-        assert time.monotonic() < deadline, f"task still {task['status']}: {task}"
-        time.sleep(0.05)
-
-
-def sim_stats(simulator: LiveServer) -> dict[str, Any]:
-    stats: dict[str, Any] = httpx.get(f"{simulator.url}/_sim/stats").json()
-    return stats
-
-
-def faults(simulator: LiveServer, **changes: Any) -> None:
-    httpx.post(f"{simulator.url}/_sim/faults", json=changes).raise_for_status()
-
+from receiver.redis_server import free_port
+from receiver.simulator import SimulatorConfig
+from tests.conftest import (
+    KEYS,
+    LiveServer,
+    Stack,
+    base_settings,
+    faults,
+    history,
+    sim_stats,
+    submit,
+    wait_final,
+)
 
 IMAGE = "https://example.com/a.png"
 
@@ -117,7 +64,7 @@ def test_every_action_reaches_success_with_its_fields(stack: Stack, provider: st
 
 
 def test_aigc2d_actions_by_index(stack: Stack) -> None:
-    receiver, simulator = stack()
+    receiver, _ = stack()
     with receiver.client("key-acme") as acme:
         grid = wait_final(acme, submit(acme, provider="aigc2d", prompt="a red fox")["id"])
         assert grid["status"] == "SUCCESS" and grid["mode"] is None
@@ -181,7 +128,7 @@ def test_bad_submissions_are_clear_4xx_and_store_nothing(stack: Stack, r: redis.
 
 
 def test_a_banned_prompt_fails_with_the_word_and_frees_its_slot(stack: Stack) -> None:
-    receiver, simulator = stack(limit=1)
+    receiver, _ = stack(limit=1)
     with receiver.client("key-acme") as acme:
         banned = wait_final(acme, submit(acme, provider="mjproxy", prompt="a banned fox")["id"])
         assert banned["status"] == "FAILURE" and "banned" in banned["fail_reason"]
