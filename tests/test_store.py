@@ -163,3 +163,28 @@ def test_streams_are_bounded(redis_server: RedisServer, r: redis.Redis) -> None:
 
     run(redis_server, body, tenant_stream_maxlen=50)
     assert r.xlen(KEYS.stream("acme")) < 200  # MAXLEN ~ trims by whole nodes of 100
+
+
+def test_a_callback_that_beats_the_submit_answer_is_matched_and_the_task_charged_once(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    c = CallbackClaims(new_job_id(), "acme", "aigc2d")
+    billing = {"a": b"aigc2d", "b": b"aigc2d|-|IMAGINE|points\x00100\x001"}
+
+    async def body(store: TaskStore) -> list[str]:
+        await store.create(c, control=billing, action="IMAGINE", prompt="fox")
+        return [o.result for o in (
+            # the provider's first callbacks arrive before its answer to the submit
+            await store.apply(c, Update(TaskStatus.IN_PROGRESS, 40, "777")),
+            await store.submitted(c, Update(TaskStatus.SUBMITTED, provider_task_id="777")),
+            await store.submitted(c, Update(TaskStatus.SUBMITTED, provider_task_id="777")),
+            await store.apply(c, Update(TaskStatus.FAILURE, fail_reason="provider says no")),
+            await store.apply(c, Update(TaskStatus.FAILURE, fail_reason="provider says no")),
+        )]
+
+    assert run(redis_server, body) == ["stored", "stale", "stale", "stored", "duplicate"]
+    task = stored(redis_server, c)
+    assert (task["provider_task_id"], task["status"], task["prompt"]) == ("777", "FAILURE", "fox")
+    assert r.hgetall(KEYS.usage("acme")) == {  # charged once, refunded once
+        b"aigc2d|-|IMAGINE|points|tasks": b"1", b"aigc2d|-|IMAGINE|points|spent": b"100",
+        b"aigc2d|-|IMAGINE|points|refunded": b"100"}
