@@ -127,10 +127,10 @@ async def verify(svc: Services, claims: CallbackClaims, update: Update) -> Updat
     """What to store for a callback that claims SUCCESS (``VERIFY_FINAL``): the provider's own
     answer when polled, or None when it cannot be asked now (the reconciler asks later)."""
     client = svc.clients.get(claims.provider)
-    if client is None:
-        return update  # a task submitted elsewhere: no account of ours to ask with
-    stored = await svc.redis.hget(  # type: ignore[misc]
-        svc.store.keys.task(claims.tenant, claims.job_id), "p")
+    stored, account = await svc.redis.hmget(  # type: ignore[misc]
+        svc.store.keys.task(claims.tenant, claims.job_id), ["p", "a"])
+    if client is None or account is None:
+        return update  # submitted elsewhere: our key cannot ask about it
     ptid = stored.decode() if stored else update.provider_task_id
     if not ptid:
         return None

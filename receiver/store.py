@@ -56,9 +56,10 @@ local vals = {}
 if exists then
   if op == 'create' then return {'exists'} end
   if ptid ~= '' and cur[3] and cur[3] ~= ptid then return {'conflict'} end
-  -- The provider accepted the task: charge it once, whatever its callbacks did meanwhile
-  -- (one may have beaten this answer, even with a failure, which is refunded at once).
-  if op == 'submit' and not charged then
+  -- The provider has the submitter's task (it answered the submit, or a callback or poll
+  -- names its id): charge it once, whatever came before (a callback may have beaten the
+  -- answer, even with a failure, which is refunded at once).
+  if not charged and cur[6] and (op == 'submit' or ptid ~= '') then
     local field, amount, refunds = billing()
     if field then
       redis.call('HINCRBY', KEYS[6], field .. '|tasks', 1)

@@ -279,7 +279,8 @@ def test_describe_gives_prompts_and_blend_takes_two_to_five(
     assert (final.status, final.action, final.provider_task_id) == (
         TaskStatus.SUCCESS, "DESCRIBE", tid)
     text = final.final_prompt  # OhMyGPT and AIGC2D answer in "prompt": the dialects move it
-    assert text is not None and text == DESCRIBE_TEXT and text.startswith("1️⃣ ") and text.count("\n\n") == 3
+    assert text is not None and text == DESCRIBE_TEXT
+    assert text.startswith("1️⃣ ") and text.count("\n\n") == 3
     assert final.image_url is None
 
     tid = task_id(provider, submit(sim, provider, "blend", recorder.hook(f"b-{provider}"),

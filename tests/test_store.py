@@ -188,3 +188,22 @@ def test_a_callback_that_beats_the_submit_answer_is_matched_and_the_task_charged
     assert r.hgetall(KEYS.usage("acme")) == {  # charged once, refunded once
         b"aigc2d|-|IMAGINE|points|tasks": b"1", b"aigc2d|-|IMAGINE|points|spent": b"100",
         b"aigc2d|-|IMAGINE|points|refunded": b"100"}
+
+
+def test_a_task_whose_submit_answer_was_lost_is_charged_by_its_first_callback(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    c = CallbackClaims(new_job_id(), "acme", "aigc2d")
+    minted = CallbackClaims(new_job_id(), "acme", "aigc2d")  # POST /callback-urls: no account
+    billing = {"a": b"aigc2d", "b": b"aigc2d|-|IMAGINE|points\x00100\x001"}
+
+    async def body(store: TaskStore) -> None:
+        await store.create(c, control=billing, action="IMAGINE")
+        await store.create(minted, action="IMAGINE")
+        for job in (c, minted):
+            await store.apply(job, Update(TaskStatus.IN_PROGRESS, 40, "888"))
+            await store.apply(job, Update(TaskStatus.SUCCESS, 100, "888"))
+
+    run(redis_server, body)
+    assert r.hgetall(KEYS.usage("acme")) == {
+        b"aigc2d|-|IMAGINE|points|tasks": b"1", b"aigc2d|-|IMAGINE|points|spent": b"100"}
