@@ -128,6 +128,17 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics; what Redis holds (queue depth, slots) is read now."""
+    svc = services(request)
+    for name, account in svc.settings.accounts.items():
+        waiting, held = await svc.admission.depth(name)
+        svc.metrics.queue_depth.labels(name).set(waiting)
+        svc.metrics.slots_in_use.labels(name).set(held)
+        svc.metrics.slots_limit.labels(name).set(account.queue_limit)
+    return svc.metrics.render()
+
+
 async def readyz(request: Request) -> Response:
     """Ready when Redis answers: without it nothing can be acknowledged."""
     try:

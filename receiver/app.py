@@ -22,7 +22,7 @@ from receiver.errors import ReceiverError, StoreUnavailable
 from receiver.fastpath import ExceptionHandler, FastPath
 from receiver.logs import install_redaction
 from receiver.openapi import openapi_json
-from receiver.services import Services
+from receiver.services import Services, services
 from receiver.settings import Settings
 from receiver.worker import Worker
 
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/subscribe-tokens", api.create_subscribe_token, methods=["POST"]),
             Route("/healthz", api.healthz, methods=["GET"]),
             Route("/readyz", api.readyz, methods=["GET"]),
+            Route("/metrics", api.metrics, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
         ],
         middleware=[Middleware(FastPath, handlers=_DOMAIN_HANDLERS)],
@@ -100,6 +101,7 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
 
 async def _redis_error(request: Request, exc: Exception) -> Response:
     log.warning("redis error on %s %s: %r", request.method, request.url.path, exc)
+    services(request).metrics.redis_errors.labels("api").inc()
     return error_response(StoreUnavailable("Redis could not store or read this; retry"))
 
 

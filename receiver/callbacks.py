@@ -10,13 +10,15 @@ routing layers (measured in ARCHITECTURE.md); errors still go through the app's 
 
 from __future__ import annotations
 
+from time import perf_counter
 from urllib.parse import unquote
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from receiver.dialects import DIALECTS
-from receiver.errors import NotFound, PayloadTooLarge
+from receiver.errors import NotFound, PayloadTooLarge, ReceiverError, StoreUnavailable
 from receiver.models import TaskStatus
 from receiver.reconciler import verify
 from receiver.services import Services
@@ -34,13 +36,28 @@ async def receive_callback(scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI endpoint. Raises domain and Redis errors for the handlers to answer."""
     svc: Services = scope["app"].state.services
     provider = scope["path"][len(PREFIX):]
+    try:
+        outcome = await _receive(svc, provider, scope, receive, send)
+    except ReceiverError as exc:
+        svc.metrics.callback(provider if provider in DIALECTS else "unknown", exc.code)
+        raise
+    except RedisError:
+        svc.metrics.callback(provider, StoreUnavailable.code)
+        raise
+    if outcome is not None:
+        svc.metrics.callback(provider, outcome)
+
+
+async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive, send: Send
+                   ) -> str | None:
+    """Answers the callback; returns its outcome (None: the sender hung up)."""
     parser = DIALECTS.get(provider)
     if parser is None:
         raise UnknownProvider(f"no provider is called {provider[:40]!r}; known: {_KNOWN}")
     claims = svc.signer.verify_callback(_token(scope["query_string"]), provider)
     body = await read_body(receive, _content_length(scope), svc.settings.max_body_bytes)
     if body is None:
-        return  # the sender hung up: nobody to answer
+        return None  # the sender hung up: nobody to answer
     update = parser(body)
     if update.status is TaskStatus.SUCCESS and svc.settings.verify_final:
         # Unsigned callbacks: a SUCCESS is what the provider says when asked.
@@ -48,14 +65,17 @@ async def receive_callback(scope: Scope, receive: Receive, send: Send) -> None:
         if checked is None:  # cannot ask now: the reconciler will
             await _answer(send, 202, b'{"result":"verifying","job_id":"%s","version":null}'
                           % claims.job_id.encode())
-            return
+            return "verifying"
         update = checked
+    started = perf_counter()
     outcome = await svc.store.apply(claims, update)
+    svc.metrics.transition_seconds.observe(perf_counter() - started)
     if outcome.result == "conflict":
         raise WrongJob("this token's job is bound to another provider task")
     await _answer(send, 200, b'{"result":"%s","job_id":"%s","version":%s}' % (
         outcome.result.encode(), claims.job_id.encode(), orjson.dumps(outcome.version),
     ))
+    return outcome.result
 
 
 async def _answer(send: Send, status: int, answer: bytes) -> None:

@@ -90,6 +90,7 @@ class Dispatcher:
             try:
                 await self.fill(account)
             except RedisError as exc:
+                self.svc.metrics.redis_errors.labels("dispatcher").inc()
                 log.warning("dispatching for %s: Redis failed (%r); retrying", account.name, exc)
 
     async def fill(self, account: ProviderAccount) -> None:
@@ -112,7 +113,7 @@ class Dispatcher:
             job.add_done_callback(self._sending.discard)
 
     async def _send(self, account: ProviderAccount, member: Member) -> None:
-        svc = self.svc
+        svc, metrics = self.svc, self.svc.metrics
         try:
             task = await svc.redis.hmget(  # type: ignore[misc]
                 svc.store.keys.task(member.tenant, member.job_id), ["q", "s"])
@@ -131,23 +132,28 @@ class Dispatcher:
                 provider_task_id = await svc.clients[account.provider].submit(request, url)
             except (QueueFull, ProviderDown) as exc:
                 if not exc.retry_safe:
+                    metrics.submissions.labels(account.provider, "unanswered").inc()
                     log.warning("%s: %s; task %s may be queued there: not sent again",
                                 account.name, exc.detail, member)
                     return
+                metrics.submissions.labels(account.provider, "requeued").inc()
                 self._back_off(account, exc)
                 await svc.admission.requeue(account.name, member)
                 return
             except ProviderError as exc:
+                metrics.submissions.labels(account.provider, "refused").inc()
                 await svc.store.apply(claims, Update(
                     TaskStatus.FAILURE, fail_reason=f"{exc.code}: {exc.detail}"))
                 await svc.admission.release(account.name, member)
                 return
+            metrics.submissions.labels(account.provider, "accepted").inc()
             self._delay[account.name] = 0.0
             await svc.store.submitted(claims, Update(
                 TaskStatus.SUBMITTED, provider_task_id=provider_task_id,
                 submitted_at=now_iso()))
         except RedisError as exc:
             # The slot stays held; the reconciler settles the task.
+            metrics.redis_errors.labels("dispatcher").inc()
             log.warning("dispatching %s: Redis failed (%r)", member, exc)
 
     def _back_off(self, account: ProviderAccount, exc: ProviderError) -> None:

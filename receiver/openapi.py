@@ -390,6 +390,13 @@ SCHEMA: dict[str, Any] = {
             "description": "The process serves"}}}},
         "/readyz": {"get": {"summary": "Readiness (Redis reachable)", "responses": {
             "200": {"description": "Ready"}, "503": _error("Redis is unavailable")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (callbacks by provider and "
+                             "outcome, transition latency, Redis errors, SSE clients, admission "
+                             "queues and slots, submissions, reconciler polls)",
+                             "responses": {"200": {"description": "Prometheus text format",
+                                                   "content": {"text/plain": {"schema": {
+                                                       "type": "string"}}}},
+                                           "503": _error("Redis is unavailable")}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {
             "description": "OpenAPI 3.1"}}}},
     },

@@ -41,8 +41,7 @@ class Reconciler:
     def __init__(self, svc: Services) -> None:
         self.svc = svc
         self.settings = svc.settings
-        self.polls = 0  # provider requests made, for tests and metrics
-        self.inferred = 0
+        self.metrics = svc.metrics
 
     async def run(self) -> None:
         """Until cancelled."""
@@ -51,6 +50,7 @@ class Reconciler:
                 try:
                     await self.reconcile(account)
                 except RedisError as exc:
+                    self.metrics.redis_errors.labels("reconciler").inc()
                     log.warning("reconciling %s: Redis failed (%r)", account.name, exc)
             await asyncio.sleep(self.settings.reconcile_interval)
 
@@ -100,14 +100,16 @@ class Reconciler:
         ttl = max(1, int(self.settings.reconcile_after * 1000))
         if not await self.svc.redis.set(lock, b"1", nx=True, px=ttl):
             return  # another worker polled it within the interval
-        self.polls += 1
         try:
             update = await self.svc.clients[account.provider].fetch(ptid)
         except ProviderError as exc:
+            self.metrics.polls.labels(account.provider, "error").inc()
             log.info("polling %s at %s: %s", member, account.name, exc.detail)
             return
         claims = CallbackClaims(member.job_id, member.tenant, account.provider)
         outcome = await self.svc.store.apply(claims, update)
+        self.metrics.polls.labels(account.provider,
+                                  "stored" if outcome.stored else "unchanged").inc()
         if outcome.stored:
             log.info("task %s: %s learned by polling", member, update.status.value)
 
@@ -118,7 +120,7 @@ class Reconciler:
             fail_reason=f"timed out: no update from {account.provider} for {idle:.0f} s "
                         "(inferred by receiver; a later result from the provider replaces it)"))
         if outcome.stored:
-            self.inferred += 1
+            self.metrics.inferred_failures.labels(account.provider).inc()
             log.warning("task %s timed out after %.0f s without an update", member, idle)
             await self.svc.admission.prune(account.name)
 

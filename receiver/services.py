@@ -13,6 +13,7 @@ from starlette.requests import Request
 from receiver.admission import Admission
 from receiver.batcher import ScriptBatcher
 from receiver.events import EventHub
+from receiver.metrics import Metrics
 from receiver.pricing import PriceTable
 from receiver.providers import CLIENTS, MjproxyClient, ProviderClient
 from receiver.settings import ProviderAccount, Settings
@@ -31,6 +32,7 @@ class Services:
     prices: PriceTable
     # one per configured provider account
     clients: dict[str, ProviderClient]
+    metrics: Metrics
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -39,16 +41,20 @@ class Services:
         redis = connect(settings.redis_url, settings.redis_timeout)
         batcher = ScriptBatcher(settings.redis_url, TRANSITION, settings.redis_timeout)
         store = TaskStore(redis, batcher, settings)
+        hub = EventHub(redis, store.keys, settings.sse_queue_limit)
+        metrics = Metrics()
+        metrics.watch_hub(hub)
         return cls(
             settings=settings,
             redis=redis,
             store=store,
             signer=TokenSigner(settings.signing_keys(), settings.callback_token_ttl,
                                settings.subscribe_token_ttl),
-            hub=EventHub(redis, store.keys, settings.sse_queue_limit),
+            hub=hub,
             admission=Admission(redis, store.keys),
             prices=PriceTable.load(settings.prices_file),
             clients={name: client(account) for name, account in settings.accounts.items()},
+            metrics=metrics,
         )
 
     async def start(self) -> None:
