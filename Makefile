@@ -17,7 +17,7 @@ install: $(BIN)/receiver
 	@command -v redis-server >/dev/null || { $(APT) update -q && $(APT) install -y -q redis-server; }
 
 run: install
-	$(BIN)/receiver serve
+	$(BIN)/receiver serve --simulator
 
 test: install
 	$(BIN)/pytest

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--port", type=int, help="port to bind (PORT)")
     serve_cmd.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve_cmd.add_argument("--no-access-log", action="store_true", help="no request lines")
+    serve_cmd.add_argument("--simulator", action="store_true",
+                           help="play every provider without a <PROVIDER>_BASE_URL with the "
+                           "built-in simulator (what `make run` does)")
     serve_cmd.add_argument("--no-worker", action="store_true",
                            help="no dispatcher and reconciler in this process (run "
                            "`receiver worker` instead)")
@@ -110,7 +113,7 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.update(HOST=host, PORT=str(port))  # the worker's callback URLs point here
     if not args.no_worker:
         os.environ["EMBEDDED_WORKER"] = "true"
-    simulator = _start_simulator() if not settings.accounts else None
+    simulator = _start_simulator(settings) if args.simulator else None
     embedded = None
     try:
         if not settings.redis_url:
@@ -168,8 +171,8 @@ def submit(url: str, args: argparse.Namespace) -> int:
     return watch(url, args.api_key, task["id"])
 
 
-def _start_simulator() -> subprocess.Popen[bytes]:
-    """No provider configured: play them all with the simulator, in a child process."""
+def _start_simulator(settings: Settings) -> subprocess.Popen[bytes]:
+    """Play the providers not configured with the simulator, in a child process."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     child = subprocess.Popen([sys.executable, "-m", "receiver.cli", "simulate",
@@ -183,12 +186,12 @@ def _start_simulator() -> subprocess.Popen[bytes]:
             if child.poll() is not None or time.monotonic() > deadline:
                 raise StartError("the provider simulator did not start") from None
             time.sleep(0.1)
-    for provider in PROVIDERS:
+    played = [p for p in PROVIDERS if p not in settings.accounts]
+    for provider in played:
         os.environ[f"{provider.upper()}_BASE_URL"] = url
         os.environ[f"{provider.upper()}_API_KEY"] = f"sim-{provider}"
     os.environ.setdefault("DEFAULT_PROVIDER", "mjproxy")
-    log.info("no provider configured: the simulator plays mjproxy, ohmygpt and aigc2d on %s",
-             url)
+    log.info("the simulator plays %s on %s", ", ".join(played) or "no provider", url)
     return child
 
 

@@ -18,11 +18,12 @@ from tests.conftest import TIMEOUT, sample
 
 
 def serve(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`receiver serve --host 0.0.0.0`, logging to serve.log, once it answers /healthz."""
+    """`receiver serve --simulator --host 0.0.0.0` (`make run`), logging to serve.log, once it
+    answers /healthz."""
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", "serve", "--host", "0.0.0.0"],
+            [sys.executable, "-m", "receiver.cli", "serve", "--simulator", "--host", "0.0.0.0"],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 30
@@ -92,4 +93,4 @@ def test_submit_watch_on_a_fresh_service_shows_a_task_reach_100(tmp_path: Path) 
     [task] = listed  # sent to the simulator (mjproxy by default) and finished
     assert task["status"] == "SUCCESS" and task["provider"] == "mjproxy"
     assert task["prompt"] == "a red fox" and task["image_url"]
-    assert "simulator plays mjproxy, ohmygpt and aigc2d" in (tmp_path / "serve.log").read_text()
+    assert "simulator plays mjproxy, ohmygpt, aigc2d" in (tmp_path / "serve.log").read_text()
