@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +75,25 @@ class LiveServer:
     def client(self, api_key: str | None = None, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT, **kwargs)
+
+
+def serve_process(port: int, env: dict[str, str], log_path: Path, *args: str
+                  ) -> subprocess.Popen[bytes]:
+    """A real `receiver serve --port PORT ARGS` process, once /readyz answers 200."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "receiver.cli", "serve", "--port", str(port), *args],
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,7 @@ SSE streams are told to reconnect, and the process exits in bounded time."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +14,7 @@ import redis
 from httpx_sse import connect_sse
 
 from receiver.redis_server import RedisServer, free_port
-from tests.conftest import TIMEOUT, history
+from tests.conftest import TIMEOUT, history, serve_process
 
 SENDERS = 8
 
@@ -26,22 +23,10 @@ def test_sigterm_mid_load_loses_nothing_acknowledged_and_exits(
         redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "REDIS_URL": redis_server.url, "RECEIVER_SECRET_KEYS": "test-key-1",
+    env = {"REDIS_URL": redis_server.url, "RECEIVER_SECRET_KEYS": "test-key-1",
            "RECEIVER_API_KEYS": "acme:key-acme", "RECEIVER_DATA_DIR": str(tmp_path)}
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "receiver.cli", "serve", "--no-worker", "--port", str(port),
-         "--no-access-log"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = serve_process(port, env, tmp_path / "serve.log", "--no-worker", "--no-access-log")
     auth = {"Authorization": "Bearer key-acme"}
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
 
     with httpx.Client(base_url=base, headers=auth, timeout=TIMEOUT) as client:
         minted = [client.post("/callback-urls", json={"provider": "mjproxy"}).json()
@@ -89,7 +74,6 @@ def test_sigterm_mid_load_loses_nothing_acknowledged_and_exits(
     took = time.monotonic() - started
     for t in (*threads, sse):
         t.join(20)
-    log.close()
 
     output = (tmp_path / "serve.log").read_text()
     # uvicorn shuts down, then re-raises the signal it caught: -15 after a clean shutdown
@@ -103,3 +87,41 @@ def test_sigterm_mid_load_loses_nothing_acknowledged_and_exits(
         assert set(pcts) <= set(stored), job_id  # every 2xx answer is in Redis
         total += len(pcts)
     assert total > 100
+
+
+def test_two_web_processes_share_events_through_redis(
+        redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:
+    """A callback accepted by one process reaches an SSE client of the other."""
+    env = {"REDIS_URL": redis_server.url, "RECEIVER_SECRET_KEYS": "test-key-1",
+           "RECEIVER_API_KEYS": "acme:key-acme", "RECEIVER_DATA_DIR": str(tmp_path)}
+    ports = free_port(), free_port()
+    procs = [serve_process(port, env, tmp_path / f"serve-{port}.log", "--no-worker")
+             for port in ports]
+    auth = {"Authorization": "Bearer key-acme"}
+    one, two = (f"http://127.0.0.1:{port}" for port in ports)
+    try:
+        with httpx.Client(base_url=one, headers=auth, timeout=TIMEOUT) as client:
+            job = client.post("/callback-urls", json={"provider": "mjproxy"}).json()
+        seen: list[str] = []
+        connected = threading.Event()
+
+        def listen() -> None:
+            with httpx.Client(base_url=two, headers=auth, timeout=TIMEOUT) as client, \
+                    connect_sse(client, "GET", f"/tasks/{job['job_id']}/events") as source:
+                connected.set()
+                seen.extend(event.event for event in source.iter_sse() if event.id)
+
+        listener = threading.Thread(target=listen)
+        listener.start()
+        assert connected.wait(10)
+        time.sleep(0.2)
+        for body in ({"id": "p1", "status": "IN_PROGRESS", "progress": "50%"},
+                     {"id": "p1", "status": "SUCCESS", "imageUrl": "https://cdn/x.png"}):
+            assert httpx.post(job["callback_url"], json=body).status_code == 200  # to `one`
+        listener.join(10)
+        assert not listener.is_alive()
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+    assert seen == ["task.created", "task.progress", "task.succeeded"]
