@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.config
 import os
 import secrets
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from receiver.logs import log_config
 from receiver.redis_server import RedisServer, RedisServerError, free_port
 from receiver.settings import PROVIDERS, Settings, SettingsError, is_loopback
 
@@ -77,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="unfinished tasks per key before the queue is full")
     args = parser.parse_args(argv)
     verbose = args.command in ("serve", "worker")  # the others draw on the terminal
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    json_lines = os.environ.get("LOG_FORMAT", "text").lower() == "json"
+    logging.config.dictConfig(log_config(json_lines, "INFO" if verbose else "WARNING"))
     if args.command == "simulate":
         return simulate(args)
     if args.command in ("watch", "submit"):
@@ -127,13 +129,15 @@ def serve(args: argparse.Namespace) -> int:
             "receiver.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, access_log=not args.no_access_log,
             timeout_graceful_shutdown=10,
+            log_config=log_config(settings.log_format == "json"),
         )
     finally:
-        if embedded is not None:
-            embedded.stop()
-        if simulator is not None:
-            simulator.terminate()
-            simulator.wait(10)
+        try:
+            if embedded is not None:
+                embedded.stop()
+        finally:
+            if simulator is not None:
+                _stop(simulator)
     return 0
 
 
@@ -178,14 +182,18 @@ def _start_simulator(settings: Settings) -> subprocess.Popen[bytes]:
     child = subprocess.Popen([sys.executable, "-m", "receiver.cli", "simulate",
                               "--port", str(port)])
     deadline = time.monotonic() + 15
-    while True:
-        try:
-            httpx.get(f"{url}/_sim/stats", timeout=1.0)
-            break
-        except httpx.TransportError:
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise StartError("the provider simulator did not start") from None
-            time.sleep(0.1)
+    try:
+        while True:
+            try:
+                httpx.get(f"{url}/_sim/stats", timeout=1.0)
+                break
+            except httpx.TransportError:
+                if child.poll() is not None or time.monotonic() > deadline:
+                    raise StartError("the provider simulator did not start") from None
+                time.sleep(0.1)
+    except BaseException:  # also Ctrl-C while waiting: no child is left behind
+        _stop(child)
+        raise
     played = [p for p in PROVIDERS if p not in settings.accounts]
     for provider in played:
         os.environ[f"{provider.upper()}_BASE_URL"] = url
@@ -209,6 +217,15 @@ def simulate(args: argparse.Namespace) -> int:
     uvicorn.run(create_simulator(config), host=args.host, port=args.port,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def _stop(child: subprocess.Popen[bytes]) -> None:
+    child.terminate()
+    try:
+        child.wait(10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def _local_secret() -> str:

@@ -55,7 +55,8 @@ class Keys:
         self.prefix = prefix
 
     def task(self, tenant: str, job_id: str) -> str:
-        """Hash: the task's canonical fields (JSON values) plus ``_``-prefixed control fields."""
+        """Hash: the task's rank, status, provider task id and canonical values (``r``,
+        ``s``, ``p``, ``v``), and the submitter's ``a``, ``b``, ``c``, ``q`` (see `store`)."""
         return f"{self.prefix}:task:{{{tenant}}}:{job_id}"
 
     def history(self, tenant: str, job_id: str) -> str:
@@ -88,7 +89,8 @@ class Keys:
     # its queue and its slots together.
 
     def queue(self, account: str) -> str:
-        """Sorted set: ``tenant/job`` waiting for a slot (NOT_START), scored by enqueue ms."""
+        """Sorted set: ``tenant/job`` waiting for a slot (NOT_START), scored by the job's
+        creation ms (its id's first 12 hex digits)."""
         return f"{self.prefix}:queue:{{acct:{account}}}"
 
     def slots(self, account: str) -> str:

@@ -74,7 +74,7 @@ class Dispatcher:
                         event = self._wake.get(message["data"].decode())
                         if event is not None:
                             event.set()
-            except RedisError as exc:
+            except Exception as exc:  # the once-a-second wake-up covers the gap
                 log.warning("admission channel lost (%r); resubscribing", exc)
                 await asyncio.sleep(1.0)
             finally:
@@ -92,6 +92,8 @@ class Dispatcher:
             except RedisError as exc:
                 self.svc.metrics.redis_errors.labels("dispatcher").inc()
                 log.warning("dispatching for %s: Redis failed (%r); retrying", account.name, exc)
+            except Exception:
+                log.exception("dispatching for %s failed; retrying", account.name)
 
     async def fill(self, account: ProviderAccount) -> None:
         """Send queued tasks until the queue is empty or every slot is taken."""
@@ -155,6 +157,9 @@ class Dispatcher:
             # The slot stays held; the reconciler settles the task.
             metrics.redis_errors.labels("dispatcher").inc()
             log.warning("dispatching %s: Redis failed (%r)", member, exc)
+        except Exception:
+            # Whether it reached the provider is unknown: held, not sent again (as above).
+            log.exception("dispatching %s failed", member)
 
     def _back_off(self, account: ProviderAccount, exc: ProviderError) -> None:
         delay = self._delay[account.name] = min(MAX_PAUSE, self._delay[account.name] * 2 or 1)

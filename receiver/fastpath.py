@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver import sse
 from receiver.callbacks import PREFIX, receive_callback
+from receiver.logs import bind_request
 
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -30,7 +31,10 @@ class FastPath:
         self.handlers = handlers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = _route(scope) if scope["type"] == "http" else None
+        route = None
+        if scope["type"] == "http":
+            bind_request(scope)  # for the lines logged while it is served
+            route = _route(scope)
         if route is None:
             await self.app(scope, receive, send)
             return

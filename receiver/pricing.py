@@ -58,9 +58,15 @@ class PriceTable:
     def __init__(self, table: dict[str, dict[str, Any]]) -> None:
         self.table = table
         for provider, entry in table.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("unit"), str):
-                raise PricesError(f"prices of {provider!r} need a 'unit'")
-            for mode, actions in (entry.get("modes") or {}).items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("unit"), str) or (
+                    not entry["unit"] or "|" in entry["unit"]):
+                raise PricesError(f"prices of {provider!r} need a 'unit' (a name without |)")
+            modes = entry.get("modes") or {}
+            if not isinstance(modes, dict) or not all(isinstance(a, dict) for a in
+                                                      modes.values()):
+                raise PricesError(f"prices of {provider!r}: 'modes' maps each mode to "
+                                  "{action: amount}")
+            for mode, actions in modes.items():
                 for action, amount in actions.items():
                     if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
                         raise PricesError(f"{provider} {mode} {action}: prices are integers "

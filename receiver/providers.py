@@ -145,13 +145,21 @@ class ProviderClient(ABC):
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The provider's JSON object. A 4xx without one is a refusal (a wrong path, a body
+        too large: nothing was queued); a 2xx without one may have queued the task."""
         response = await self._request("POST", path, json=body)
         try:
-            return response.json()
-        except ValueError as exc:
-            raise ProviderDown(f"{self.name} answered something that is not JSON "
-                               f"({response.status_code})", self.name) from exc
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict):
+            return answer
+        if 400 <= response.status_code < 500:
+            raise InvalidRequest(f"{self.name} refused the request ({response.status_code})",
+                                 self.name)
+        raise ProviderDown(f"{self.name} answered something that is not a JSON object "
+                           f"({response.status_code})", self.name)
 
     def _parse(self, response: httpx.Response, provider_task_id: str) -> Update:
         if response.status_code == 404:
@@ -202,6 +210,17 @@ def _refusal(provider: str, message: str, request: SubmitRequest | None = None) 
     if acting and ("not found" in text or "unknown" in text or "不存在" in text):
         return UnknownParent(f"{provider}: {message}", provider)
     return InvalidRequest(f"{provider}: {message}", provider)
+
+
+def _task_id(value: Any, provider: str) -> str:
+    """The id in an accepting answer. Anything else: it said yes but not to what, so the
+    task may be queued there (not retried)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip() and len(value) <= 128:
+        return value.strip()
+    raise ProviderDown(f"{provider} accepted the task without a usable id ({value!r:.40})",
+                       provider)
 
 
 def _int_id(value: str, provider: str) -> int:
@@ -255,7 +274,7 @@ class MjproxyClient(ProviderClient):
                                   {**body, **hook})
         code, description = answer.get("code"), str(answer.get("description") or "")
         if code in (1, 21, 22):  # submitted, already exists, waiting in the queue
-            return str(answer["result"])
+            return _task_id(answer.get("result"), self.name)
         if code == 23:
             raise QueueFull(f"mjproxy: {description}", self.name)
         if code == 24:
@@ -297,7 +316,7 @@ class OhmygptClient(ProviderClient):
                         customId=request.custom_id)
         answer = await self._post(f"{self.BASE}/{path}", body)
         if answer.get("statusCode") == 200 and answer.get("data") is not None:
-            return str(answer["data"])
+            return _task_id(answer["data"], self.name)
         raise _refusal(self.name, str(answer.get("message") or answer), request)
 
     async def fetch(self, provider_task_id: str) -> Update:
@@ -333,7 +352,7 @@ class Aigc2dClient(ProviderClient):
             body.update(task_id=_int_id(request.parent_task_id, self.name), index=request.index)
         answer = await self._post(f"/mj/{path}", body)
         if answer.get("code") == 0 and answer.get("task_id") is not None:
-            return str(answer["task_id"])
+            return _task_id(answer["task_id"], self.name)
         raise _refusal(self.name, str(answer.get("message") or answer), request)
 
     async def fetch(self, provider_task_id: str) -> Update:

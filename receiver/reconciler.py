@@ -26,8 +26,8 @@ import orjson
 from redis.exceptions import RedisError
 
 from receiver.admission import Member
+from receiver.errors import ReceiverError
 from receiver.models import RANK_INFERRED_FAILURE, TaskStatus, Update, now_ms
-from receiver.providers import ProviderError
 from receiver.services import Services
 from receiver.settings import ProviderAccount
 from receiver.store import snapshot
@@ -35,6 +35,8 @@ from receiver.tokens import CallbackClaims
 
 log = logging.getLogger("receiver.reconciler")
 VERIFY_TIMEOUT = 5.0
+POLL_TIMEOUT = 10.0
+POLL_BATCH = 20
 
 
 class Reconciler:
@@ -44,7 +46,7 @@ class Reconciler:
         self.metrics = svc.metrics
 
     async def run(self) -> None:
-        """Until cancelled."""
+        """Until cancelled; nothing one account or one task does stops it."""
         while True:
             for account in self.settings.accounts.values():
                 try:
@@ -52,6 +54,8 @@ class Reconciler:
                 except RedisError as exc:
                     self.metrics.redis_errors.labels("reconciler").inc()
                     log.warning("reconciling %s: Redis failed (%r)", account.name, exc)
+                except Exception:
+                    log.exception("reconciling %s failed; going on", account.name)
             await asyncio.sleep(self.settings.reconcile_interval)
 
     async def reconcile(self, account: ProviderAccount) -> None:
@@ -59,6 +63,7 @@ class Reconciler:
         await svc.admission.prune(account.name)
         held = await svc.admission.holders(account.name)
         now = now_ms()
+        polls = []
         for (member, sent_ms), task in zip(held, await self._snapshots(held), strict=True):
             if task is None or TaskStatus(task["status"]).terminal:
                 continue
@@ -66,7 +71,8 @@ class Reconciler:
             if idle >= settings.task_timeout:
                 await self._infer_failure(account, member, idle)
             elif idle >= settings.reconcile_after and task["provider_task_id"]:
-                await self._poll(account, member, task["provider_task_id"])
+                polls.append(self._poll(account, member, task["provider_task_id"]))
+        await asyncio.gather(*polls)  # at most the account's limit: one slow poll delays none
         await self._recheck_inferred(account, now)
 
     async def _recheck_inferred(self, account: ProviderAccount, now: int) -> None:
@@ -75,12 +81,15 @@ class Reconciler:
         key = svc.store.keys.inferred(account.name)
         pairs = await svc.redis.zrange(key, 0, -1, withscores=True)
         held = [(Member.parse(m), int(score)) for m, score in pairs]
+        polls = []
         for (member, since), task in zip(held, await self._snapshots(held), strict=True):
             expired = (now - since) / 1000 > self.settings.inferred_grace
             if task is None or expired or task["_rank"] != RANK_INFERRED_FAILURE:
                 await svc.redis.zrem(key, str(member))
             elif task["provider_task_id"]:
-                await self._poll(account, member, task["provider_task_id"])
+                polls.append(self._poll(account, member, task["provider_task_id"]))
+        for batch in range(0, len(polls), POLL_BATCH):
+            await asyncio.gather(*polls[batch:batch + POLL_BATCH])
 
     async def _snapshots(self, held: list[tuple[Member, int]]) -> list[dict[str, Any] | None]:
         """Each task as a dict (with ``_rank``), or None when it is gone."""
@@ -101,10 +110,11 @@ class Reconciler:
         if not await self.svc.redis.set(lock, b"1", nx=True, px=ttl):
             return  # another worker polled it within the interval
         try:
-            update = await self.svc.clients[account.provider].fetch(ptid)
-        except ProviderError as exc:
+            async with asyncio.timeout(POLL_TIMEOUT):
+                update = await self.svc.clients[account.provider].fetch(ptid)
+        except (ReceiverError, TimeoutError) as exc:  # down, unknown, or not a task
             self.metrics.polls.labels(account.provider, "error").inc()
-            log.info("polling %s at %s: %s", member, account.name, exc.detail)
+            log.info("polling %s at %s: %r", member, account.name, exc)
             return
         claims = CallbackClaims(member.job_id, member.tenant, account.provider)
         outcome = await self.svc.store.apply(claims, update)
@@ -133,13 +143,14 @@ async def verify(svc: Services, claims: CallbackClaims, update: Update) -> Updat
         svc.store.keys.task(claims.tenant, claims.job_id), ["p", "a"])
     if client is None or account is None:
         return update  # submitted elsewhere: our key cannot ask about it
-    ptid = stored.decode() if stored else update.provider_task_id
-    if not ptid:
+    if stored is None:
+        # Which provider task is ours is not known yet: asking about the one the callback
+        # names would let it name another's finished task.
         return None
     try:
         async with asyncio.timeout(VERIFY_TIMEOUT):  # the provider waits for our answer
-            polled = await client.fetch(ptid)
-    except (ProviderError, TimeoutError) as exc:
+            polled = await client.fetch(stored.decode())
+    except (ReceiverError, TimeoutError) as exc:
         log.info("verifying task %s: %r", claims.job_id, exc)
         return None
     if polled.status is not TaskStatus.SUCCESS:

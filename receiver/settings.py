@@ -84,6 +84,8 @@ class Settings:
     verify_final: bool = False
     # Run the dispatcher and reconciler inside the web process.
     embedded_worker: bool = False
+    # "text" for people, "json" (one object per line, with request ids) for log pipelines
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, config: Config | None = None) -> Settings:
@@ -120,6 +122,7 @@ class Settings:
             reconcile_interval=config("RECONCILE_INTERVAL", cast=float, default=2.0),
             verify_final=config("VERIFY_FINAL", cast=bool, default=False),
             embedded_worker=config("EMBEDDED_WORKER", cast=bool, default=False),
+            log_format=config("LOG_FORMAT", default="text").lower(),
         )
 
     @property
@@ -130,6 +133,7 @@ class Settings:
     def callback_base(self) -> str:
         """What callback URLs start with when no request tells (the worker's submits)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address
         return (self.public_base_url or f"http://{host}:{self.port}").rstrip("/")
 
     def provider_for(self, provider: str | None) -> str | None:

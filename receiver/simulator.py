@@ -59,6 +59,10 @@ def _png(width: int = 4, height: int = 4, rgb: bytes = b"\x5b\x8d\xef") -> bytes
 PNG = _png()
 
 
+# What midjourney-proxy answers a poll for a task it has forgotten: 200, no body.
+_EMPTY = Response(b"", 200, media_type="application/json")
+
+
 def _json(doc: Any, status: int = 200) -> Response:
     # orjson keeps integers past 2**53 exact, as AIGC2D's ids need.
     return Response(orjson.dumps(doc), status, media_type="application/json")
@@ -202,8 +206,11 @@ async def mj_submit(request: Request) -> Response:
 async def mj_fetch(request: Request) -> Response:
     if _mj_account(request) is None:
         return Response(status_code=401)
-    task = _sim(request).find("mjproxy", request.path_params["task_id"])
-    return Response(status_code=404) if task is None else _json(render(task))
+    sim = _sim(request)
+    task = sim.find("mjproxy", request.path_params["task_id"])
+    if task is None:
+        return Response(status_code=404)
+    return _EMPTY if sim.faults.empty_polls else _json(render(task))
 
 
 # --- OhMyGPT ---------------------------------------------------------------------------
@@ -229,7 +236,7 @@ async def ohmygpt(request: Request) -> Response:
             task = sim.find("ohmygpt", _task_id(doc, "taskId"))
             if task is None:
                 raise SimError("not_found", f"task {doc.get('taskId')} not found")
-            return _json(wrap_ohmygpt(render(task)))
+            return _EMPTY if sim.faults.empty_polls else _json(wrap_ohmygpt(render(task)))
         if kind not in ("imagine", "action", "describe", "blend"):
             return _json({"statusCode": 404, "message": "Not Found"}, 404)
         if sim.chance(sim.faults.submit_error_rate):
@@ -304,10 +311,11 @@ async def aigc2d_task(request: Request) -> Response:
     if _bearer(request) is None:
         return _json({"code": 401, "message": "unauthorized: no API key"}, 401)
     task_id = request.path_params["task_id"]
-    task = _sim(request).find("aigc2d", task_id)
+    sim = _sim(request)
+    task = sim.find("aigc2d", task_id)
     if task is None:
         return _json({"code": 404, "message": f"task {task_id} not found"}, 404)
-    return _json(render(task))
+    return _EMPTY if sim.faults.empty_polls else _json(render(task))
 
 
 def _action(spec: Submission, parent: SimTask, button: Button) -> Submission:

@@ -79,6 +79,7 @@ class Faults:
     fail_tasks: float = 0.0  # tasks that end in FAILURE (after their second progress step)
     never_finish: bool = False  # tasks stop after their first progress step, until cleared
     slow: float = 1.0  # multiplier on the step interval
+    empty_polls: bool = False  # polls answered 200 with no body (a forgotten task)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -48,8 +48,8 @@ local function billing()
   if not b then return nil end
   local e1 = string.find(b, '\\0', 1, true)
   local e2 = string.find(b, '\\0', e1 + 1, true)
-  return string.sub(b, 1, e1 - 1), tonumber(string.sub(b, e1 + 1, e2 - 1)),
-    string.sub(b, e2 + 1) == '1'
+  -- the amount stays a string: a Lua number would print 1e+17 for HINCRBY
+  return string.sub(b, 1, e1 - 1), string.sub(b, e1 + 1, e2 - 1), string.sub(b, e2 + 1) == '1'
 end
 local function failed(s) return s == 'FAILURE' or s == 'CANCEL' end
 local vals = {}
@@ -132,7 +132,8 @@ if exists and ((charged == '1' and failed(status)) or (charged == '2' and status
 then
   local field, amount, refunds = billing()
   if field and refunds then
-    redis.call('HINCRBY', KEYS[6], field .. '|refunded', status == 'SUCCESS' and -amount or amount)
+    redis.call('HINCRBY', KEYS[6], field .. '|refunded',
+      status == 'SUCCESS' and '-' .. amount or amount)
     redis.call('HSET', KEYS[1], 'c', status == 'SUCCESS' and '1' or '2')
   end
 end

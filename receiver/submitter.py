@@ -79,7 +79,7 @@ async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes
     if dimensions is not None and dimensions not in DIMENSIONS:
         raise BadRequest(f"'dimensions' must be one of {', '.join(DIMENSIONS)}")
     index = body.get("index")
-    if index is not None and (isinstance(index, bool) or index not in (1, 2, 3, 4)):
+    if index is not None and (type(index) is not int or index not in (1, 2, 3, 4)):
         raise BadRequest("'index' must be 1, 2, 3 or 4")
     parent_id = _text(body, "parent_id")
     parent_ptid = custom_id = None
@@ -95,16 +95,15 @@ async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes
         if parent["status"] != TaskStatus.SUCCESS or not parent["provider_task_id"]:
             raise ParentNotReady(f"the parent is {parent['status']}; actions need SUCCESS")
         if mode is not None and mode != parent["mode"]:
+            ran = parent["mode"] or "the default"
             raise ModeMismatch(
-                f"the parent ran in {parent['mode']} mode; its actions must too (the "
-                f"provider's {parent['mode']} and {mode} pools are separate)", provider)
+                f"the parent ran in {ran} mode; its actions must too (the provider's "
+                f"{ran} and {mode} pools are separate)", provider)
         mode, parent_ptid = parent["mode"], parent["provider_task_id"]
         action, custom_id = _button(parent, action, _text(body, "custom_id")
                                     or _text(body, "button"), index, provider)
     if action not in ACTIONS:
         raise BadRequest(f"'action' must be one of {', '.join(ACTIONS)}")
-    if provider == "aigc2d" and action not in Aigc2dClient.PATHS:
-        raise BadRequest(f"aigc2d offers {', '.join(Aigc2dClient.PATHS)}, not {action}")
     if action == "IMAGINE" and not prompt:
         raise BadRequest("IMAGINE needs a 'prompt'")
     if action == "DESCRIBE" and len(images) != 1:
@@ -133,6 +132,8 @@ async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes
 def _button(parent: dict[str, Any], action: str | None, button: str | None,
             index: int | None, provider: str) -> tuple[str, str | None]:
     """The action on the parent and its button's custom id (AIGC2D takes an index instead)."""
+    if button is not None and provider == "aigc2d":
+        raise BadRequest("aigc2d has no buttons: give 'action' and 'index'")
     if button is not None:
         found = next((b["custom_id"] for b in parent["buttons"]
                       if button in (b["custom_id"], b.get("label"))), None)

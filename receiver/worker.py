@@ -7,7 +7,6 @@ Any number may run against one Redis: see `dispatcher` and `reconciler` for why 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 
@@ -36,8 +35,12 @@ class Worker:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # the loops catch what they meet; log what escaped anyway
+                log.exception("the worker had stopped on an error")
 
 
 async def run_worker(settings: Settings) -> None:

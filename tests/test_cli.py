@@ -3,6 +3,7 @@ folder; and ``receiver submit --watch`` against it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,3 +95,31 @@ def test_submit_watch_on_a_fresh_service_shows_a_task_reach_100(tmp_path: Path) 
     assert task["status"] == "SUCCESS" and task["provider"] == "mjproxy"
     assert task["prompt"] == "a red fox" and task["image_url"]
     assert "simulator plays mjproxy, ohmygpt, aigc2d" in (tmp_path / "serve.log").read_text()
+
+
+def test_json_logs_carry_request_ids_and_no_secret(tmp_path: Path) -> None:
+    env = {**fresh_env(tmp_path), "LOG_FORMAT": "json", "RECEIVER_API_KEYS": "acme:key-acme",
+           "RECEIVER_SECRET_KEYS": "a-secret-signing-key"}
+    proc = serve(tmp_path, env)
+    base = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        with httpx.Client(base_url=base, timeout=TIMEOUT,
+                          headers={"Authorization": "Bearer key-acme"}) as client:
+            url = client.post("/callback-urls", json={"provider": "mjproxy"}).json()[
+                "callback_url"]
+            client.post(url, content=sample("mjproxy-success.json"),
+                        headers={"X-Request-ID": "req-42"})
+            client.post(url + "x", content=b"{}")  # refused: a bad token
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    text = (tmp_path / "serve.log").read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert lines and all({"time", "level", "logger", "message"} <= set(doc) for doc in lines)
+    access = [doc for doc in lines if doc["logger"] == "uvicorn.access"]
+    assert any(doc.get("request_id") == "req-42" and "/callbacks/mjproxy" in doc["message"]
+               for doc in access), access
+    assert len({doc["request_id"] for doc in access}) == len(access)  # one id per request
+    token = url.split("token=")[1]
+    for secret in (token, "key-acme", "a-secret-signing-key"):
+        assert secret not in text

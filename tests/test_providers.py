@@ -194,3 +194,13 @@ def test_requests_are_checked_before_sending() -> None:
         with pytest.raises(InvalidRequest):
             submit(c, bad)
     assert seen == []
+
+
+def test_answers_without_a_task_id_are_refusals_or_ambiguous_never_a_crash() -> None:
+    html = lambda request: httpx.Response(404, text="<html>Not Found</html>")  # noqa: E731
+    with pytest.raises(InvalidRequest, match="refused the request \\(404\\)"):
+        submit(client(MjproxyClient, html), IMAGINE)  # nothing was queued: fail the task
+    for odd in ([], {"code": 1, "description": "ok", "result": None}, {"code": 1, "result": []}):
+        with pytest.raises(ProviderDown) as caught:  # said yes, or something: not resent
+            submit(client(MjproxyClient, answer(odd)), IMAGINE)
+        assert not caught.value.retry_safe

@@ -104,3 +104,54 @@ def test_an_unreachable_provider_keeps_the_task_queued_until_it_is_back(
         receiver.stop()
         if simulator is not None:
             simulator.stop()
+
+
+def test_polls_answered_with_nothing_do_not_stop_the_worker(stack: Stack) -> None:
+    receiver, simulator = stack()
+    faults(simulator, drop_callbacks=1.0, empty_polls=True)  # as a proxy that forgot them
+    with receiver.client("key-acme") as acme:
+        first = submit(acme, provider="mjproxy", prompt="one")["id"]
+        time.sleep(1.5)  # polled (reconcile_after 0.5 s) and answered with an empty body
+        second = submit(acme, provider="mjproxy", prompt="two")["id"]
+        faults(simulator, empty_polls=False)
+        assert [wait_final(acme, job)["status"] for job in (first, second)] == ["SUCCESS"] * 2
+        metrics = acme.get("/metrics").text
+    assert sim_stats(simulator)["submitted"] == 2
+    assert 'receiver_reconciler_polls_total{provider="mjproxy",result="error"}' in metrics
+
+
+def test_a_refusal_without_json_fails_the_task_and_frees_its_slot(
+        redis_server: RedisServer, r: redis.Redis, stack: Stack) -> None:
+    _, simulator = stack(embedded_worker=False)  # only the simulator: no other worker
+    port = free_port()  # a wrong base URL: every submit is a 404 page
+    receiver = LiveServer(base_settings(
+        redis_server.url, public_base_url=f"http://127.0.0.1:{port}", embedded_worker=True,
+        accounts={"mjproxy": ProviderAccount(
+            "mjproxy", f"{simulator.url}/nowhere", Secret("sk"), 1)}), port=port).start()
+    try:
+        with receiver.client("key-acme") as acme:
+            jobs = [submit(acme, provider="mjproxy", prompt=f"fox {i}")["id"] for i in range(2)]
+            failed = [wait_final(acme, job, timeout=10) for job in jobs]
+    finally:
+        receiver.stop()
+    assert [t["status"] for t in failed] == ["FAILURE", "FAILURE"]
+    assert all("refused the request (404)" in t["fail_reason"] for t in failed)
+    assert r.zcard(KEYS.slots("mjproxy")) == 0
+
+
+def test_verify_final_does_not_take_another_tasks_success_before_ours_is_known(
+        stack: Stack) -> None:
+    receiver, simulator = stack(verify_final=True)
+    with receiver.client("key-acme") as acme:
+        other = wait_final(acme, submit(acme, provider="mjproxy", prompt="theirs")["id"])
+        faults(simulator, submit_error_rate=1.0)  # ours: sent, no answer we can use
+        ours = submit(acme, provider="mjproxy", prompt="ours")["id"]
+        time.sleep(0.5)
+        forged = json.loads(sample("mjproxy-success.json"))
+        forged["id"] = other["provider_task_id"]  # a real, finished task: polling says SUCCESS
+        token = TokenSigner(["test-key-1"], 3600, 3600).mint_callback(
+            CallbackClaims(ours, "acme", "mjproxy"))
+        answer = acme.post(f"/callbacks/mjproxy?token={token}", json=forged)
+        assert answer.status_code == 202 and answer.json()["result"] == "verifying"
+        task = acme.get(f"/tasks/{ours}").json()
+    assert task["status"] == "NOT_START" and task["provider_task_id"] is None

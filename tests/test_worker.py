@@ -147,9 +147,10 @@ def test_sixty_tasks_against_a_limit_of_three(stack: Stack) -> None:
     stats = sim_stats(simulator)
     assert stats["submitted"] == 60  # none refused as queue-full, none sent twice
     assert stats["max_in_flight"] == {"sk-ohmygpt": 3}
-    # oldest first: the provider ids follow the submission order
-    ids = [int(t["provider_task_id"]) for t in done]
-    assert ids == sorted(ids)
+    # oldest first: up to 3 are sent at once, so the provider numbers them in submission
+    # order give or take the two sent alongside
+    order = sorted(range(60), key=lambda i: int(done[i]["provider_task_id"]))
+    assert all(abs(position - i) <= 2 for position, i in enumerate(order)), order
 
 
 def test_two_dispatchers_never_double_submit(stack: Stack, r: redis.Redis) -> None:
