@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: install run test check bench clean
+.PHONY: install run test check check-deploy bench clean
 
 $(BIN)/receiver: pyproject.toml
 	$(PY) -m venv $(VENV) || { $(APT) update -q && $(APT) install -y -q python3-venv && $(PY) -m venv $(VENV); }
@@ -22,9 +22,15 @@ run: install
 test: install
 	$(BIN)/pytest
 
-check: install
+check: install check-deploy
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# deploy/ against schemas shipped in the dev tools (no Docker, no cluster, no network).
+K8S_VERSION ?= 1.30.0
+check-deploy: install
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose.yml
+	$(BIN)/kubernetes-validate --kubernetes-version $(K8S_VERSION) --strict --quiet deploy/k8s/*.yaml
 
 bench: install
 	@command -v wrk >/dev/null || { $(APT) update -q && $(APT) install -y -q wrk; }
