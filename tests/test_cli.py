@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import redis
 
-from receiver.redis_server import free_port
-from tests.conftest import TIMEOUT, sample
+from receiver.redis_server import RedisServer, free_port
+from receiver.simulator import SimulatorConfig, create_simulator
+from tests.conftest import TIMEOUT, LiveServer, sample, serve_process
 
 
 def serve(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -123,3 +124,39 @@ def test_json_logs_carry_request_ids_and_no_secret(tmp_path: Path) -> None:
     token = url.split("token=")[1]
     for secret in (token, "key-acme", "a-secret-signing-key"):
         assert secret not in text
+
+
+def test_receiver_worker_process_sends_what_the_web_process_queued(
+        tmp_path: Path, redis_server: RedisServer, r: redis.Redis) -> None:
+    """The Procfile's split: `receiver serve --no-worker` queues, `receiver worker` sends."""
+    simulator = LiveServer(app=create_simulator(SimulatorConfig(step_interval=0.02))).start()
+    port = free_port()
+    env = {"REDIS_URL": redis_server.url, "RECEIVER_SECRET_KEYS": "k1",
+           "RECEIVER_API_KEYS": "acme:key-acme", "RECEIVER_DATA_DIR": str(tmp_path),
+           "OHMYGPT_BASE_URL": simulator.url, "OHMYGPT_API_KEY": "sk",
+           "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"}
+    web = serve_process(port, env, tmp_path / "web.log", "--no-worker")
+    worker = None
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT,
+                          headers={"Authorization": "Bearer key-acme"}) as client:
+            job = client.post("/tasks", json={"prompt": "a red fox"}).json()["id"]
+            time.sleep(0.5)
+            assert client.get(f"/tasks/{job}").json()["status"] == "NOT_START"  # queued
+            with (tmp_path / "worker.log").open("wb") as log:
+                worker = subprocess.Popen([sys.executable, "-m", "receiver.cli", "worker"],
+                                          env={**os.environ, **env}, stdout=log,
+                                          stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 20
+            while (task := client.get(f"/tasks/{job}").json())["status"] != "SUCCESS":
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                time.sleep(0.1)
+        assert task["provider"] == "ohmygpt" and task["cost"] == {"amount": 14000,
+                                                                  "unit": "tokens"}
+    finally:
+        for proc in (worker, web):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(20)
+        simulator.stop()
+    assert worker.returncode in (0, -signal.SIGTERM)
