@@ -77,13 +77,15 @@ class LiveServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT, **kwargs)
 
 
-def serve_process(port: int, env: dict[str, str], log_path: Path, *args: str
-                  ) -> subprocess.Popen[bytes]:
-    """A real `receiver serve --port PORT ARGS` process, once /readyz answers 200."""
+def serve_process(port: int, env: dict[str, str], log_path: Path, *args: str,
+                  inherit: bool = True) -> subprocess.Popen[bytes]:
+    """A real `receiver serve --port PORT ARGS` process, once /readyz answers 200. Its
+    environment is ours plus ``env``, or only ``env`` (``inherit=False``)."""
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "receiver.cli", "serve", "--port", str(port), *args],
-            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+            env={**os.environ, **env} if inherit else env, stdout=log,
+            stderr=subprocess.STDOUT, cwd=log_path.parent)
     deadline = time.monotonic() + 30
     while True:
         try:

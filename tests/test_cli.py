@@ -20,24 +20,9 @@ from tests.conftest import TIMEOUT, LiveServer, sample, serve_process
 
 
 def serve(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`receiver serve --simulator --host 0.0.0.0` (`make run`), logging to serve.log, once it
-    answers /healthz."""
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", "serve", "--simulator", "--host", "0.0.0.0"],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{env['PORT']}/healthz").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.1)
+    """`receiver serve --simulator --host 0.0.0.0` (`make run`), logging to serve.log."""
+    return serve_process(int(env["PORT"]), env, tmp_path / "serve.log", "--simulator",
+                         "--host", "0.0.0.0", inherit=False)
 
 
 def fresh_env(tmp_path: Path) -> dict[str, str]:
