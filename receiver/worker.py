@@ -48,6 +48,9 @@ async def run_worker(settings: Settings) -> None:
     reconciler of any worker settles them."""
     if not settings.accounts:
         log.warning("no provider is configured (<PROVIDER>_BASE_URL): nothing to dispatch")
+    if not settings.public_base_url:
+        log.warning("no PUBLIC_BASE_URL: callback URLs will point at %s; set it to where "
+                    "the providers reach the web process", settings.callback_base())
     svc = Services.build(settings)
     await svc.start()
     worker = Worker(svc)

@@ -145,3 +145,41 @@ def test_receiver_worker_process_sends_what_the_web_process_queued(
                 proc.wait(20)
         simulator.stop()
     assert worker.returncode in (0, -signal.SIGTERM)
+
+
+def test_the_procfile_runs_under_honcho(
+        tmp_path: Path, redis_server: RedisServer, r: redis.Redis) -> None:
+    simulator = LiveServer(app=create_simulator(SimulatorConfig(step_interval=0.02))).start()
+    port = free_port()  # honcho gives web PORT=port, worker PORT=port+100
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "REDIS_URL": redis_server.url, "RECEIVER_SECRET_KEYS": "k1",
+           "RECEIVER_API_KEYS": "acme:key-acme", "RECEIVER_DATA_DIR": str(tmp_path),
+           "MJPROXY_BASE_URL": simulator.url, "MJPROXY_API_KEY": "sk",
+           "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with (tmp_path / "honcho.log").open("wb") as log:
+        honcho = subprocess.Popen(
+            [sys.executable, "-m", "honcho", "start", "-f", str(repo / "Procfile"),
+             "-p", str(port), "-e", os.devnull], env=env, cwd=tmp_path, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT,
+                          headers={"Authorization": "Bearer key-acme"}) as client:
+            while True:
+                try:
+                    job = client.post("/tasks", json={"prompt": "a red fox"}).json()["id"]
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, (tmp_path / "honcho.log").read_text()
+                    time.sleep(0.2)
+            while (task := client.get(f"/tasks/{job}").json())["status"] != "SUCCESS":
+                assert time.monotonic() < deadline, (tmp_path / "honcho.log").read_text()
+                time.sleep(0.1)
+    finally:
+        os.killpg(honcho.pid, signal.SIGTERM)
+        honcho.wait(30)
+        simulator.stop()
+    output = (tmp_path / "honcho.log").read_text()
+    assert "web.1" in output and "worker.1" in output
+    assert task["provider"] == "mjproxy" and task["image_url"]
