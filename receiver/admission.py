@@ -54,16 +54,17 @@ class Member(NamedTuple):
 
 
 class Admission:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, publisher: Redis | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        # PUBLISH goes through one node (the async cluster client has no PUBLISH)
+        self.publisher = publisher or redis
         self._acquire = redis.register_script(ACQUIRE)
 
     async def enqueue(self, account: str, member: Member) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.queue(account), {str(member): member.created_ms}, nx=True)
-            pipe.publish(self.keys.admission_channel(), account)
-            await pipe.execute()
+        await self.redis.zadd(self.keys.queue(account), {str(member): member.created_ms},
+                              nx=True)
+        await self.publisher.publish(self.keys.admission_channel(), account)
 
     async def acquire(self, account: str, limit: int, now_ms: int) -> Member | None:
         """The oldest waiting task, now holding a slot; None when the queue is empty or every

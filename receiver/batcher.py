@@ -19,8 +19,10 @@ import hashlib
 import ssl
 from collections import deque
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import hiredis
+from redis.asyncio.cluster import RedisCluster
 from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -199,3 +201,47 @@ class ScriptBatcher:
                     proto.abort(RedisConnectionError(str(reply)))
                     raise RedisConnectionError(f"Redis refused the handshake: {reply}")
             self._proto = proto
+
+
+class ClusterBatcher:
+    """`ScriptBatcher` on Redis Cluster: one per master, each call sent to the master of its
+    first key's slot (the script's keys share a hash tag, so one slot). A MOVED or ASK answer
+    (slots resharded or failed over) refreshes the slot map and is tried once more."""
+
+    def __init__(self, cluster: RedisCluster, url: str, source: str,
+                 timeout: float = 5.0) -> None:
+        self.cluster = cluster
+        self.url = url
+        self.source = source
+        self.timeout = timeout
+        self._masters: dict[str, ScriptBatcher] = {}
+
+    async def call(self, keys: list[bytes], args: list[Arg]) -> Any:
+        for attempt in (1, 2):
+            node = self.cluster.get_node_from_key(keys[0].decode())
+            if node is None:
+                raise RedisConnectionError("no Redis Cluster master serves this slot")
+            batcher = self._masters.get(node.name)
+            if batcher is None:
+                batcher = self._masters[node.name] = ScriptBatcher(
+                    node_url(self.url, str(node.host), int(node.port)), self.source,
+                    self.timeout)
+            try:
+                return await batcher.call(keys, args)
+            except ResponseError as exc:
+                if attempt == 2 or not str(exc).startswith(("MOVED", "ASK")):
+                    raise
+                await self.cluster.nodes_manager.initialize()
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        for batcher in self._masters.values():
+            await batcher.close()
+
+
+def node_url(url: str, host: str, port: int) -> str:
+    """``url`` (its scheme, credentials and options) pointed at one node."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, "", parts.query, ""))

@@ -65,7 +65,7 @@ class Dispatcher:
     async def _listen(self) -> None:
         channel = self.svc.store.keys.admission_channel()
         while True:
-            pubsub: PubSub = self.svc.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: PubSub = self.svc.pubsub.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
                 while True:

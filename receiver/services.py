@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from starlette.requests import Request
 
 from receiver.admission import Admission
-from receiver.batcher import ScriptBatcher
+from receiver.batcher import ClusterBatcher, ScriptBatcher
 from receiver.events import EventHub
 from receiver.metrics import Metrics
 from receiver.pricing import PriceTable
@@ -33,15 +35,26 @@ class Services:
     # one per configured provider account
     clients: dict[str, ProviderClient]
     metrics: Metrics
+    # pub/sub's connections (`redis` itself, unless that is a Redis Cluster client)
+    pubsub: Redis
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
-        if not settings.redis_url:
+        url, timeout = settings.redis_url, settings.redis_timeout
+        if not url:
             raise RuntimeError("REDIS_URL is not set (`receiver serve` starts a Redis itself)")
-        redis = connect(settings.redis_url, settings.redis_timeout)
-        batcher = ScriptBatcher(settings.redis_url, TRANSITION, settings.redis_timeout)
+        # Pub/sub goes through one node: a classic PUBLISH reaches every node of a cluster.
+        pubsub = connect(url, timeout)
+        batcher: ScriptBatcher | ClusterBatcher
+        if settings.redis_cluster:
+            cluster = connect_cluster(url, timeout)
+            redis = cast(Redis, cluster)  # the same commands; routed by key
+            batcher = ClusterBatcher(cluster, url, TRANSITION, timeout)
+        else:
+            redis = pubsub
+            batcher = ScriptBatcher(url, TRANSITION, timeout)
         store = TaskStore(redis, batcher, settings)
-        hub = EventHub(redis, store.keys, settings.sse_queue_limit)
+        hub = EventHub(pubsub, store.keys, settings.sse_queue_limit)
         metrics = Metrics()
         metrics.watch_hub(hub)
         return cls(
@@ -51,13 +64,16 @@ class Services:
             signer=TokenSigner(settings.signing_keys(), settings.callback_token_ttl,
                                settings.subscribe_token_ttl),
             hub=hub,
-            admission=Admission(redis, store.keys),
+            pubsub=pubsub,
+            admission=Admission(redis, store.keys, pubsub),
             prices=PriceTable.load(settings.prices_file),
             clients={name: client(account) for name, account in settings.accounts.items()},
             metrics=metrics,
         )
 
     async def start(self) -> None:
+        if isinstance(self.redis, RedisCluster):
+            await self.redis.initialize()  # the slot map, before the first routed call
         await self.hub.start()
 
     async def close(self) -> None:
@@ -66,6 +82,8 @@ class Services:
         for provider_client in self.clients.values():
             await provider_client.aclose()
         await self.redis.aclose()
+        if self.pubsub is not self.redis:
+            await self.pubsub.aclose()
 
 
 def client(account: ProviderAccount) -> ProviderClient:
@@ -88,6 +106,14 @@ def connect(url: str, timeout: float) -> Redis:
         health_check_interval=30,
     )
     return client
+
+
+def connect_cluster(url: str, timeout: float) -> RedisCluster:
+    """`connect` for Redis Cluster: commands routed by key slot, MOVED followed."""
+    return RedisCluster.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 2.0),
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry_on_error=[ConnectionError, TimeoutError])
 
 
 def services(request: Request) -> Services:

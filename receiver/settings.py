@@ -59,6 +59,8 @@ class Settings:
     tenant_stream_maxlen: int = 100_000
     task_history_maxlen: int = 1_000
     redis_timeout: float = 5.0
+    # REDIS_URL names a node of a Redis Cluster (keys are hash-tagged for it)
+    redis_cluster: bool = False
     subscribe_token_ttl: int = 3600
     # SSE: events a client may fall behind before it is cut off; keep-alive ping; the
     # reconnect delay suggested to clients; the longest a send may block; how many tasks'
@@ -107,6 +109,7 @@ class Settings:
             tenant_stream_maxlen=config("TENANT_STREAM_MAXLEN", cast=int, default=100_000),
             task_history_maxlen=config("TASK_HISTORY_MAXLEN", cast=int, default=1_000),
             redis_timeout=config("REDIS_TIMEOUT", cast=float, default=5.0),
+            redis_cluster=config("REDIS_CLUSTER", cast=bool, default=False),
             subscribe_token_ttl=config("SUBSCRIBE_TOKEN_TTL", cast=int, default=3600),
             sse_queue_limit=config("SSE_QUEUE_LIMIT", cast=int, default=1000),
             sse_ping=config("SSE_PING_SECONDS", cast=float, default=15.0),

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import orjson
 from redis.asyncio import Redis
 
-from receiver.batcher import ScriptBatcher
+from receiver.batcher import ClusterBatcher, ScriptBatcher
 from receiver.constants import FIELD_DEFAULTS, TASK_FIELDS, Keys
 from receiver.models import (
     EVENT_OF_STATUS,
@@ -186,7 +186,8 @@ class Outcome(NamedTuple):
 
 
 class TaskStore:
-    def __init__(self, redis: Redis, batcher: ScriptBatcher, settings: Settings) -> None:
+    def __init__(self, redis: Redis, batcher: ScriptBatcher | ClusterBatcher,
+                 settings: Settings) -> None:
         self.redis = redis  # reads
         self.batcher = batcher  # the transition script
         self.keys = Keys(settings.redis_prefix)

@@ -98,6 +98,81 @@ def serve_process(port: int, env: dict[str, str], log_path: Path, *args: str,
         time.sleep(0.1)
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free too."""
+    import random
+    import socket
+
+    while True:
+        port = random.randint(20000, 55000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+
+
+class RedisClusterNodes:
+    """Three masters on loopback ports, slots spread by ``redis-cli --cluster create``."""
+
+    def __init__(self, root: Path) -> None:
+        self.nodes = [RedisServer(root / f"node{i}", port=cluster_port(), persist=False,
+                                  extra_args=[
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "2000"]) for i in range(3)]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> RedisClusterNodes:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 20
+        for node in self.nodes:
+            client = redis.Redis(port=node.port)
+            while client.cluster("info").get("cluster_state") != "ok":
+                assert time.monotonic() < deadline, "the cluster did not come up"
+                time.sleep(0.1)
+            client.close()
+        return self
+
+    def flushall(self) -> None:
+        for node in self.nodes:
+            client = redis.Redis(port=node.port)
+            client.flushall()
+            client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_nodes(tmp_path_factory: pytest.TempPathFactory
+                        ) -> Iterator[RedisClusterNodes]:
+    import shutil
+
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is missing (Debian: apt-get install redis-tools): no cluster")
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_nodes: RedisClusterNodes) -> RedisClusterNodes:
+    """The session's 3-master cluster, emptied before each test."""
+    redis_cluster_nodes.flushall()
+    return redis_cluster_nodes
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"), persist=False).start()

@@ -1,0 +1,107 @@
+"""The same promises on a real 3-master Redis Cluster (REDIS_CLUSTER=true): callbacks stored
+once, live events, admission and the ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from starlette.datastructures import Secret
+
+from receiver.redis_server import free_port
+from receiver.settings import PROVIDERS, ProviderAccount
+from receiver.simulator import SimulatorConfig, create_simulator
+from tests.conftest import (
+    KEYS,
+    LiveServer,
+    RedisClusterNodes,
+    base_settings,
+    mint,
+    sim_stats,
+    submit,
+    wait_final,
+)
+from tests.test_sse import Reader, progress, start, success
+
+
+@pytest.fixture
+def cluster_server(redis_cluster: RedisClusterNodes) -> Iterator[LiveServer]:
+    server = LiveServer(base_settings(redis_cluster.url, redis_cluster=True)).start()
+    yield server
+    server.stop()
+
+
+def test_the_tenants_live_on_different_masters(redis_cluster: RedisClusterNodes) -> None:
+    client = RedisCluster.from_url(redis_cluster.url)
+    owners = {client.get_node_from_key(KEYS.stream(t)).name for t in ("acme", "beta", "gamma")}
+    client.close()
+    assert len(owners) >= 2  # else the tests below would not cross nodes
+    assert key_slot(KEYS.task("acme", "x").encode()) == key_slot(KEYS.stream("acme").encode())
+
+
+def test_callbacks_are_stored_once_on_a_cluster(
+        cluster_server: LiveServer, redis_cluster: RedisClusterNodes) -> None:
+    results = {}
+    for key, tenant in (("key-acme", "acme"), ("key-beta", "beta")):
+        with cluster_server.client(key) as client:
+            job, url = mint(client)
+            results[tenant] = [client.post(url, content=body).json()["result"] for body in (
+                progress("p1", 40), progress("p1", 40), progress("p1", 20), success("p1"))]
+            task = client.get(f"/tasks/{job}").json()
+            assert task["status"] == "SUCCESS" and task["version"] == 3
+            assert [t["id"] for t in client.get("/tasks").json()["tasks"]] == [job]
+    assert results == {t: ["stored", "duplicate", "stale", "stored"] for t in ("acme", "beta")}
+    check = RedisCluster.from_url(redis_cluster.url)
+    assert check.xlen(KEYS.stream("acme")) == 3 and check.xlen(KEYS.stream("beta")) == 3
+    check.close()
+
+
+def test_live_events_on_a_cluster(cluster_server: LiveServer) -> None:
+    with cluster_server.client("key-acme") as acme:
+        job, url = mint(acme)
+        reader = start(Reader(cluster_server, f"/tasks/{job}/events"))
+        for body in (progress("p1", 30), progress("p1", 70), success("p1")):
+            assert acme.post(url, content=body).status_code == 200
+        reader.wait()
+    assert reader.ended
+    assert [e.event for e in reader.events] == [
+        "task.created", "task.progress", "task.progress", "task.succeeded"]
+    assert [orjson.loads(e.data)["progress"] for e in reader.events] == [0, 30, 70, 100]
+
+
+def test_admission_and_the_ledger_on_a_cluster(redis_cluster: RedisClusterNodes) -> None:
+    simulator = LiveServer(app=create_simulator(
+        SimulatorConfig(step_interval=0.03, seed=11))).start()
+    port = free_port()
+    receiver = LiveServer(base_settings(
+        redis_cluster.url, redis_cluster=True, embedded_worker=True,
+        public_base_url=f"http://127.0.0.1:{port}", reconcile_after=0.5,
+        reconcile_interval=0.1,
+        accounts={p: ProviderAccount(p, simulator.url, Secret(f"sk-{p}"), 2)
+                  for p in PROVIDERS}), port=port).start()
+    try:
+        with receiver.client("key-acme") as acme, receiver.client("key-beta") as beta:
+            jobs = [(client, submit(client, provider=provider, prompt=f"fox {i}")["id"])
+                    for i in range(6) for client, provider in (
+                        (acme, "ohmygpt"), (beta, "aigc2d"))]
+            done = [wait_final(client, job, timeout=60) for client, job in jobs]
+            usage = {t: c.get("/usage").json()["totals"] for t, c in (("acme", acme),
+                                                                        ("beta", beta))}
+        stats = sim_stats(simulator)
+    finally:
+        receiver.stop()
+        simulator.stop()
+    assert [t["status"] for t in done] == ["SUCCESS"] * 12
+    assert stats["submitted"] == 12
+    assert all(1 <= n <= 2 for n in stats["max_in_flight"].values()), stats
+    assert usage == {
+        "acme": {"tokens": {"tasks": 6, "spent": 84000, "refunded": 0, "net": 84000}},
+        "beta": {"points": {"tasks": 6, "spent": 600, "refunded": 0, "net": 600}}}
+
+
+def test_readiness_on_a_cluster(cluster_server: LiveServer) -> None:
+    assert httpx.get(f"{cluster_server.url}/readyz").json() == {"status": "ready"}
