@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -81,8 +82,11 @@ class _RespProtocol(asyncio.Protocol):
 class ScriptBatcher:
     """Runs one Lua script for many concurrent callers over one auto-pipelined connection."""
 
-    def __init__(self, url: str, source: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, source: str, timeout: float = 5.0,
+                 locate: Callable[[], Awaitable[str]] | None = None) -> None:
         self.url = url
+        # Behind Sentinel: where the master is now, asked at every (re)connection.
+        self.locate = locate
         self.source = source.encode()
         self.sha = hashlib.sha1(self.source).hexdigest().encode()
         self.timeout = timeout
@@ -99,6 +103,11 @@ class ScriptBatcher:
             # Redis restarted or flushed its scripts: EVAL sends the source and caches it.
             reply = await self._send((b"EVAL", self.source, len(keys), *keys, *args))
         if isinstance(reply, hiredis.ReplyError):
+            if str(reply).startswith("READONLY") and self._proto is not None:
+                # A master demoted by a failover: reconnect (to wherever `locate` says).
+                self._proto.abort(RedisConnectionError("Redis is now a replica"))
+                self._proto = None
+                raise RedisConnectionError(f"Redis is a replica now: {reply}")
             raise ResponseError(str(reply))
         return reply
 
@@ -164,7 +173,8 @@ class ScriptBatcher:
         async with self._connecting:
             if self._proto is not None and self._proto.alive:
                 return
-            params: dict[str, Any] = parse_url(self.url)  # type: ignore[no-untyped-call]
+            url = await self.locate() if self.locate is not None else self.url
+            params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
             loop = asyncio.get_running_loop()
             cls = params.get("connection_class")
             try:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.connection import parse_url
 from redis.exceptions import ConnectionError, TimeoutError
 from starlette.requests import Request
 
 from receiver.admission import Admission
-from receiver.batcher import ClusterBatcher, ScriptBatcher
+from receiver.batcher import ClusterBatcher, ScriptBatcher, node_url
 from receiver.events import EventHub
 from receiver.metrics import Metrics
 from receiver.pricing import PriceTable
@@ -50,6 +53,10 @@ class Services:
             cluster = connect_cluster(url, timeout)
             redis = cast(Redis, cluster)  # the same commands; routed by key
             batcher = ClusterBatcher(cluster, url, TRANSITION, timeout)
+        elif settings.redis_sentinels:
+            redis, locate = connect_sentinel(settings)
+            pubsub = redis
+            batcher = ScriptBatcher(url, TRANSITION, timeout, locate=locate)
         else:
             redis = pubsub
             batcher = ScriptBatcher(url, TRANSITION, timeout)
@@ -114,6 +121,30 @@ def connect_cluster(url: str, timeout: float) -> RedisCluster:
         url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 2.0),
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
         retry_on_error=[ConnectionError, TimeoutError])
+
+
+def connect_sentinel(settings: Settings) -> tuple[Redis, Callable[[], Awaitable[str]]]:
+    """The master behind Sentinel, and how to find it again (after a failover)."""
+    assert settings.redis_url
+    url, timeout = settings.redis_url, settings.redis_timeout
+    options = parse_url(url)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        [(host, int(port)) for host, _, port in (s.rpartition(":")
+                                                 for s in settings.redis_sentinels)],
+        socket_timeout=min(timeout, 2.0), socket_connect_timeout=min(timeout, 2.0))
+    master = settings.redis_sentinel_master
+    client: Redis = sentinel.master_for(
+        master, redis_class=Redis, socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 2.0), password=options.get("password"),
+        username=options.get("username"), db=options.get("db", 0),
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry_on_error=[ConnectionError, TimeoutError])
+
+    async def locate() -> str:
+        host, port = await sentinel.discover_master(master)
+        return node_url(url, host, port)
+
+    return client, locate
 
 
 def services(request: Request) -> Services:

@@ -61,6 +61,10 @@ class Settings:
     redis_timeout: float = 5.0
     # REDIS_URL names a node of a Redis Cluster (keys are hash-tagged for it)
     redis_cluster: bool = False
+    # Sentinels (host:port) watching the master named redis_sentinel_master: the master's
+    # address comes from them (REDIS_URL still gives the password and db)
+    redis_sentinels: tuple[str, ...] = ()
+    redis_sentinel_master: str = "mymaster"
     subscribe_token_ttl: int = 3600
     # SSE: events a client may fall behind before it is cut off; keep-alive ping; the
     # reconnect delay suggested to clients; the longest a send may block; how many tasks'
@@ -110,6 +114,9 @@ class Settings:
             task_history_maxlen=config("TASK_HISTORY_MAXLEN", cast=int, default=1_000),
             redis_timeout=config("REDIS_TIMEOUT", cast=float, default=5.0),
             redis_cluster=config("REDIS_CLUSTER", cast=bool, default=False),
+            redis_sentinels=tuple(config("REDIS_SENTINELS", cast=CommaSeparatedStrings,
+                                         default="")),
+            redis_sentinel_master=config("REDIS_SENTINEL_MASTER", default="mymaster"),
             subscribe_token_ttl=config("SUBSCRIBE_TOKEN_TTL", cast=int, default=3600),
             sse_queue_limit=config("SSE_QUEUE_LIMIT", cast=int, default=1000),
             sse_ping=config("SSE_PING_SECONDS", cast=float, default=15.0),
