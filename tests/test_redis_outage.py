@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 import redis
+from starlette.datastructures import Secret
 
-from receiver.redis_server import RedisServer
+from receiver.redis_server import RedisServer, free_port
+from receiver.settings import ProviderAccount
+from receiver.simulator import SimulatorConfig, create_simulator
 from tests.conftest import LiveServer, base_settings, history, mint
 
 JOBS, STEPS = 8, 40
@@ -90,3 +94,47 @@ def test_redis_down_gives_503_and_acknowledged_callbacks_survive(
         missing = set(acked.get(job, [])) - stored
         assert not missing, f"acknowledged but not stored: {job} {sorted(missing)}"
     check.close()
+
+
+def test_the_worker_rides_out_a_redis_outage(tmp_path: Path) -> None:
+    """Redis killed while a task is in flight: the worker's loops keep going, readiness is
+    false meanwhile, and once Redis is back the task is finished by polling (the provider's
+    callbacks during the outage got 503s, and providers never retry)."""
+    own = RedisServer(tmp_path, extra_args=["--appendfsync", "always"]).start()
+    simulator = LiveServer(app=create_simulator(SimulatorConfig(step_interval=0.3))).start()
+    port = free_port()
+    server = LiveServer(base_settings(
+        own.url, redis_timeout=1.0, embedded_worker=True, reconcile_after=0.5,
+        reconcile_interval=0.1, public_base_url=f"http://127.0.0.1:{port}",
+        accounts={"mjproxy": ProviderAccount("mjproxy", simulator.url, Secret("sk"), 1)}),
+        port=port).start()
+    try:
+        with server.client("key-acme") as acme:
+            first = acme.post("/tasks", json={"provider": "mjproxy", "prompt": "one"})
+            job = first.json()["id"]
+            deadline = time.monotonic() + 10
+            while acme.get(f"/tasks/{job}").json()["status"] == "NOT_START":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            own.stop(kill=True)  # mid-task
+            assert acme.get("/readyz").status_code == 503
+            time.sleep(2.5)  # callbacks refused meanwhile; the worker's loops meet errors
+            own.start()
+            deadline = time.monotonic() + 30
+            while (task := acme.get(f"/tasks/{job}").json())["status"] != "SUCCESS":
+                assert time.monotonic() < deadline, task
+                time.sleep(0.1)
+            assert acme.get("/readyz").status_code == 200
+            second = acme.post("/tasks", json={"provider": "mjproxy", "prompt": "two"})
+            while (task2 := acme.get(f"/tasks/{second.json()['id']}").json())[
+                    "status"] != "SUCCESS":
+                assert time.monotonic() < deadline, task2  # the dispatcher is alive too
+                time.sleep(0.1)
+            metrics = acme.get("/metrics").text
+    finally:
+        server.stop()
+        simulator.stop()
+        own.stop()
+    assert task["image_url"] and task2["image_url"]
+    assert 'receiver_redis_errors_total{where="api"}' in metrics
+    assert 'receiver_redis_errors_total{where="reconciler"}' in metrics  # and went on
