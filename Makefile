@@ -20,6 +20,7 @@ run: install
 	$(BIN)/receiver serve --simulator
 
 test: install
+	@command -v chromium >/dev/null || { $(APT) update -q && $(APT) install -y -q chromium; }
 	$(BIN)/pytest
 
 check: install check-deploy

@@ -13,9 +13,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
-from receiver import api, sse, submitter
+from receiver import api, dashboard, sse, submitter
 from receiver.api import JSONResponse
 from receiver.callbacks import CallbackEndpoint
 from receiver.errors import ReceiverError, StoreUnavailable
@@ -75,6 +75,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/readyz", api.readyz, methods=["GET"]),
             Route("/metrics", api.metrics, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
+            Route("/providers", submitter.list_providers, methods=["GET"]),
+            Route("/", dashboard.index, methods=["GET"]),
+            Mount("/dashboard", app=dashboard.assets, name="dashboard"),
         ],
         middleware=[Middleware(FastPath, handlers=_DOMAIN_HANDLERS)],
         exception_handlers={

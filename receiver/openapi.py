@@ -386,6 +386,26 @@ SCHEMA: dict[str, Any] = {
                 },
             }
         },
+        "/providers": {"get": {
+            "summary": "The providers POST /tasks can send to, their modes and the default",
+            "security": [{"bearer": []}],
+            "responses": {"200": {"description": "Configured providers", "content": {
+                "application/json": {"schema": {
+                    "type": "object", "required": ["default", "providers"],
+                    "properties": {
+                        "default": {"type": ["string", "null"]},
+                        "providers": {"type": "array", "items": {
+                            "type": "object",
+                            "required": ["name", "modes", "default_mode", "queue_limit"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "modes": {"type": "array", "items": {"type": "string"}},
+                                "default_mode": {"type": ["string", "null"]},
+                                "queue_limit": {"type": "integer"}}}}}}}}},
+                **_TENANT_ERRORS}}},
+        "/": {"get": {"summary": "The live dashboard (HTML)", "responses": {"200": {
+            "description": "The page", "content": {"text/html": {"schema": {
+                "type": "string"}}}}}}},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {
             "description": "The process serves"}}}},
         "/readyz": {"get": {"summary": "Readiness (Redis reachable)", "responses": {

@@ -54,6 +54,19 @@ async def create_task(request: Request) -> Response:
     return JSONResponse(await submit_task(svc, tenant, body), status_code=202)
 
 
+async def list_providers(request: Request) -> Response:
+    """What ``POST /tasks`` can send to: the configured providers, their modes, the default."""
+    authenticate(request)
+    settings = services(request).settings
+    return JSONResponse({
+        "default": settings.provider_for(None),
+        "providers": [{"name": name, "modes": list(MODES[name]),
+                       "default_mode": DEFAULT_MODE.get(name),
+                       "queue_limit": account.queue_limit}
+                      for name, account in settings.accounts.items()],
+    })
+
+
 async def get_usage(request: Request) -> Response:
     tenant = authenticate(request)
     svc = services(request)

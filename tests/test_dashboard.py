@@ -1,0 +1,142 @@
+"""The dashboard in a real browser: Playwright driving Debian's Chromium against a real
+receiver, simulator and Redis. The screenshots in docs/ are taken here."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from receiver.simulator import SimulatorConfig
+from tests.conftest import LiveServer, Stack, mint, submit, wait_final
+
+CHROMIUM = "/usr/bin/chromium"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+# Chromium's own traffic is refused on this machine's closed network: keep it quiet.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SLOW = SimulatorConfig(step_interval=0.25, seed=21)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip("no /usr/bin/chromium (`make test` installs Debian's chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def sign_in(page: Page, server: LiveServer, key: str = "key-acme") -> None:
+    page.goto(server.url)
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#connection")).to_have_text("live")
+
+
+def rows(page: Page) -> list[str]:
+    ids: list[str] = page.locator("li.task").evaluate_all("els => els.map(e => e.dataset.id)")
+    return ids
+
+
+def test_submit_see_the_bar_reach_100_then_press_u1(stack: Stack, page: Page) -> None:
+    receiver, _ = stack(sim=SLOW)
+    page.goto(receiver.url)
+    page.get_by_label("API key").fill("wrong")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#login .hint")).to_have_text("That key was not accepted.")
+    sign_in(page, receiver)
+
+    page.get_by_label("Prompt").fill("a red fox in the snow")
+    page.get_by_role("button", name="Submit").click()
+    expect(page.locator("li.task")).to_have_count(1)
+    row = page.locator(f'li.task[data-id="{rows(page)[0]}"]')  # pinned: more rows will come
+    expect(row).to_have_attribute("data-status", "IN_PROGRESS", timeout=10_000)
+    expect(row.locator(".image")).to_be_visible()  # the preview, while it runs
+    expect(row).to_have_attribute("data-status", "SUCCESS", timeout=15_000)
+    expect(row.locator(".percent")).to_have_text("100%")
+    assert row.locator("progress").evaluate("p => p.value") == 100
+    assert row.locator(".image").get_attribute("src").endswith(".png")
+    expect(row.locator(".prompt")).to_contain_text("a red fox in the snow")
+
+    row.get_by_role("button", name="U1", exact=True).click()
+    child = page.locator("li.task").first  # newest first
+    expect(child.locator(".what")).to_have_text("UPSCALE", timeout=10_000)
+    expect(child).to_have_attribute("data-status", "SUCCESS", timeout=15_000)
+    expect(child.get_by_role("button", name="Zoom Out 2x")).to_be_visible()
+    expect(child.get_by_role("button", name="Pan left")).to_be_visible()  # emoji-only, named
+    expect(row.get_by_role("button", name="Reroll")).to_be_visible()
+    ids = rows(page)
+    assert len(ids) == 2 == len(set(ids))
+
+    page.get_by_label("Show").select_option("SUCCESS")
+    expect(page.locator("#count")).to_have_text("2 of 2")
+
+    DOCS.mkdir(exist_ok=True)
+    page.get_by_label("Show").select_option("")
+    page.screenshot(path=str(DOCS / "dashboard-desktop.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=str(DOCS / "dashboard-phone.png"), full_page=True)
+    # nothing wider than the phone's screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_a_restart_mid_task_loses_and_doubles_no_row(stack: Stack, page: Page) -> None:
+    receiver, _ = stack(sim=SimulatorConfig(step_interval=0.4, seed=22))
+    sign_in(page, receiver)
+    for prompt in ("first fox", "second fox"):
+        page.get_by_label("Prompt").fill(prompt)
+        page.get_by_role("button", name="Submit").click()
+    expect(page.locator("li.task[data-status=IN_PROGRESS]").first).to_be_visible(
+        timeout=10_000)
+
+    receiver.stop()  # the server goes away mid-task...
+    expect(page.locator("#connection")).to_have_text("reconnecting", timeout=10_000)
+    again = LiveServer(receiver.settings, port=receiver.port).start()  # ...and comes back
+    try:
+        expect(page.locator("#connection")).to_have_text("live", timeout=15_000)
+        done = page.locator("li.task[data-status=SUCCESS]")
+        expect(done).to_have_count(2, timeout=30_000)
+        with again.client("key-acme") as acme:
+            stored = [t["id"] for t in acme.get("/tasks").json()["tasks"]]
+    finally:
+        again.stop()
+    assert rows(page) == stored  # the same tasks, newest first, once each
+    assert page.locator(".percent").all_inner_texts() == ["100%", "100%"]
+
+
+def test_another_tenants_tasks_never_appear(stack: Stack, page: Page) -> None:
+    receiver, _ = stack(sim=SLOW)
+    with receiver.client("key-beta") as beta:
+        theirs = wait_final(beta, submit(beta, provider="mjproxy", prompt="beta's fox")["id"])
+        job, url = mint(beta)
+    sign_in(page, receiver)
+    # by keyboard alone: type, Tab past provider and mode to Submit, Enter
+    page.get_by_label("Prompt").focus()
+    page.keyboard.type("acme's fox")
+    for _ in range(3):
+        page.keyboard.press("Tab")
+    expect(page.get_by_role("button", name="Submit")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("li.task")).to_have_count(1, timeout=10_000)
+    ours = rows(page)[0]
+    with receiver.client("key-acme") as acme:
+        httpx.post(url, json={"id": "b1", "status": "IN_PROGRESS", "progress": "50%"})
+        wait_final(acme, ours)
+    expect(page.locator(f'li.task[data-id="{ours}"]')).to_have_attribute(
+        "data-status", "SUCCESS", timeout=10_000)
+    assert rows(page) == [ours]
+    assert theirs["id"] not in page.content() and job not in page.content()
