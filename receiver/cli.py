@@ -123,7 +123,7 @@ def serve(args: argparse.Namespace) -> int:
             os.environ["REDIS_URL"] = embedded.url
             log.info("no REDIS_URL: started redis-server on %s (data in %s)",
                      embedded.url, embedded.data_dir)
-        print(f"receiver: serving on http://{host}:{port}/ (health: /healthz, API: "
+        print(f"receiver: dashboard on http://{host}:{port}/ (health: /healthz, API: "
               "/openapi.json)", flush=True)
         uvicorn.run(
             "receiver.app:create_app", factory=True, host=host, port=port,
