@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: install run test check check-deploy bench clean
+.PHONY: install run test check check-deploy bench chaos clean
 
 $(BIN)/receiver: pyproject.toml
 	$(PY) -m venv $(VENV) || { $(APT) update -q && $(APT) install -y -q python3-venv && $(PY) -m venv $(VENV); }
@@ -32,6 +32,12 @@ K8S_VERSION ?= 1.30.0
 check-deploy: install
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose.yml
 	$(BIN)/kubernetes-validate --kubernetes-version $(K8S_VERSION) --strict --quiet deploy/k8s/*.yaml
+
+# Longer than CI's versions, bounded: 10,000 callbacks through kills of Redis and the web
+# process (figures to RELIABILITY.md), then the fuzz suite with 20x the examples.
+chaos: install
+	$(BIN)/python -m bench.chaos --tasks 500 --steps 20
+	FUZZ_SCALE=20 $(BIN)/pytest -q tests/test_fuzz.py
 
 bench: install
 	@command -v wrk >/dev/null || { $(APT) update -q && $(APT) install -y -q wrk; }

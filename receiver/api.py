@@ -13,6 +13,7 @@ from receiver.callbacks import read_body
 from receiver.constants import JOB_ID_RE
 from receiver.dialects import DIALECTS
 from receiver.errors import BadRequest, NotFound, StoreUnavailable
+from receiver.limits import check_depth
 from receiver.models import TaskStatus, new_job_id
 from receiver.services import Services, services
 from receiver.tokens import CallbackClaims, SubscribeClaims
@@ -149,9 +150,12 @@ async def readyz(request: Request) -> Response:
 
 
 async def json_object(request: Request, limit: int) -> dict[str, Any]:
-    raw = await read_body(request.receive, request.headers.get("content-length"), limit)
+    svc = services(request)
+    raw = await read_body(request.receive, request.headers.get("content-length"), limit,
+                          svc.settings.body_timeout)
     if raw is None:
         raise ClientDisconnect()
+    check_depth(raw, svc.settings.max_json_depth)
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -79,7 +80,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/", dashboard.index, methods=["GET"]),
             Mount("/dashboard", app=dashboard.assets, name="dashboard"),
         ],
-        middleware=[Middleware(FastPath, handlers=_DOMAIN_HANDLERS)],
+        middleware=[
+            # Browsers on other origins only where configured (the dashboard is same-origin).
+            *([Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                          allow_methods=["GET", "POST"], max_age=600,
+                          allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])]
+              if settings.cors_origins else []),
+            Middleware(FastPath, handlers=_DOMAIN_HANDLERS),
+        ],
         exception_handlers={
             **_DOMAIN_HANDLERS,
             HTTPException: _http_error,

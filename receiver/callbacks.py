@@ -10,6 +10,7 @@ routing layers (measured in ARCHITECTURE.md); errors still go through the app's 
 
 from __future__ import annotations
 
+import asyncio
 from time import perf_counter
 from urllib.parse import unquote
 
@@ -19,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from receiver.dialects import DIALECTS
 from receiver.errors import NotFound, PayloadTooLarge, ReceiverError, StoreUnavailable
+from receiver.limits import check_depth
 from receiver.models import TaskStatus
 from receiver.reconciler import verify
 from receiver.services import Services
@@ -55,9 +57,13 @@ async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive,
     if parser is None:
         raise UnknownProvider(f"no provider is called {provider[:40]!r}; known: {_KNOWN}")
     claims = svc.signer.verify_callback(_token(scope["query_string"]), provider)
-    body = await read_body(receive, _content_length(scope), svc.settings.max_body_bytes)
+    settings = svc.settings
+    svc.callback_limiter.take(claims.job_id, "callbacks for this task")
+    body = await read_body(receive, _content_length(scope), settings.max_body_bytes,
+                           settings.body_timeout)
     if body is None:
         return None  # the sender hung up: nobody to answer
+    check_depth(body, settings.max_json_depth)
     update = parser(body)
     if update.status is TaskStatus.SUCCESS and svc.settings.verify_final:
         # Unsigned callbacks: a SUCCESS is what the provider says when asked.
@@ -92,21 +98,32 @@ class CallbackEndpoint:
         await receive_callback(scope, receive, send)
 
 
-async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes | None:
-    """The body, refused (413) as soon as it is known to exceed ``limit``; None if the client
-    went away."""
+async def read_body(receive: Receive, declared: str | None, limit: int,
+                    timeout: float = 10.0) -> bytes | None:
+    """The body, refused (413) as soon as it is known to exceed ``limit``, or (408) when the
+    rest of it takes longer than ``timeout`` to come; None if the client went away."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    message = await receive()  # nearly always the whole body: no timer for it
     body: bytes = b""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        body += message.get("body", b"")  # bytes, by the ASGI spec
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-        if not message.get("more_body", False):
-            return body
+    try:
+        async with asyncio.timeout(timeout if message.get("more_body") else None):
+            while True:
+                if message["type"] == "http.disconnect":
+                    return None
+                body += message.get("body", b"")  # bytes, by the ASGI spec
+                if len(body) > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                if not message.get("more_body", False):
+                    return body
+                message = await receive()
+    except TimeoutError:
+        raise SlowBody(f"the body did not arrive within {timeout:g} s") from None
+
+
+class SlowBody(ReceiverError):
+    status_code = 408
+    code = "body_timeout"
 
 
 def _content_length(scope: Scope) -> str | None:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from receiver.admission import Admission
 from receiver.batcher import ClusterBatcher, ScriptBatcher, node_url
 from receiver.events import EventHub
+from receiver.limits import RateLimiter
 from receiver.metrics import Metrics
 from receiver.pricing import PriceTable
 from receiver.providers import CLIENTS, MjproxyClient, ProviderClient
@@ -40,6 +41,9 @@ class Services:
     metrics: Metrics
     # pub/sub's connections (`redis` itself, unless that is a Redis Cluster client)
     pubsub: Redis
+    # abuse limits, per process: callbacks per task, submissions per tenant
+    callback_limiter: RateLimiter
+    submit_limiter: RateLimiter
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -72,6 +76,8 @@ class Services:
                                settings.subscribe_token_ttl),
             hub=hub,
             pubsub=pubsub,
+            callback_limiter=RateLimiter(settings.callback_rate, settings.callback_burst),
+            submit_limiter=RateLimiter(settings.submit_rate, settings.submit_burst),
             admission=Admission(redis, store.keys, pubsub),
             prices=PriceTable.load(settings.prices_file),
             clients={name: client(account) for name, account in settings.accounts.items()},

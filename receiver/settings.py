@@ -92,6 +92,18 @@ class Settings:
     embedded_worker: bool = False
     # "text" for people, "json" (one object per line, with request ids) for log pipelines
     log_format: str = "text"
+    # Abuse limits (0: none). Callbacks per task per second (a provider sends a few dozen
+    # per task, ever), bursts; submissions per tenant per second, bursts; SSE streams per
+    # tenant and process; JSON nesting; seconds to send a body that arrives in pieces.
+    callback_rate: float = 20.0
+    callback_burst: float = 100.0
+    submit_rate: float = 10.0
+    submit_burst: float = 200.0
+    sse_max_per_tenant: int = 500
+    max_json_depth: int = 32
+    body_timeout: float = 10.0
+    # Origins whose pages may call the API from a browser (the dashboard needs none).
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, config: Config | None = None) -> Settings:
@@ -133,6 +145,15 @@ class Settings:
             verify_final=config("VERIFY_FINAL", cast=bool, default=False),
             embedded_worker=config("EMBEDDED_WORKER", cast=bool, default=False),
             log_format=config("LOG_FORMAT", default="text").lower(),
+            callback_rate=config("CALLBACK_RATE", cast=float, default=20.0),
+            callback_burst=config("CALLBACK_BURST", cast=float, default=100.0),
+            submit_rate=config("SUBMIT_RATE", cast=float, default=10.0),
+            submit_burst=config("SUBMIT_BURST", cast=float, default=200.0),
+            sse_max_per_tenant=config("SSE_MAX_PER_TENANT", cast=int, default=500),
+            max_json_depth=config("MAX_JSON_DEPTH", cast=int, default=32),
+            body_timeout=config("BODY_TIMEOUT", cast=float, default=10.0),
+            cors_origins=tuple(config("CORS_ORIGINS", cast=CommaSeparatedStrings,
+                                      default="")),
         )
 
     @property

@@ -24,6 +24,7 @@ from receiver.api import task_or_404
 from receiver.auth import authenticate
 from receiver.errors import BadRequest, Forbidden
 from receiver.events import Event, event_key
+from receiver.limits import TooManyRequests
 from receiver.models import TaskStatus
 from receiver.services import Services, services
 
@@ -39,6 +40,7 @@ async def task_events(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     tenant = authenticate_events(request, job_id)
     svc = services(request)
+    _room_for(svc, tenant)
     task = await task_or_404(svc, tenant, job_id)
     last = _last_event_id(request)
     if last and TaskStatus(orjson.loads(task)["status"]).terminal:
@@ -53,7 +55,15 @@ async def task_events(request: Request) -> Response:
 async def tenant_events(request: Request) -> Response:
     tenant = authenticate_events(request, None)
     svc = services(request)
+    _room_for(svc, tenant)
     return _Asgi(EventStream(svc, tenant, None, _last_event_id(request)))
+
+
+def _room_for(svc: Services, tenant: str) -> None:
+    limit = svc.settings.sse_max_per_tenant
+    if limit and len(svc.hub.subscriptions.get(tenant, ())) >= limit:
+        raise TooManyRequests(f"this tenant has {limit} event streams open here already",
+                              svc.settings.sse_retry_ms / 1000)
 
 
 def authenticate_events(request: Request, task_id: str | None) -> str:

@@ -1,0 +1,151 @@
+"""Abuse limits over real sockets: each refusal is a 413, 408 or 429 (with Retry-After), and
+the service keeps serving everyone else."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+import redis
+from httpx_sse import connect_sse
+
+from tests.conftest import LiveServer, mint, sample
+
+ServerFactory = Callable[..., LiveServer]
+
+
+def nested(depth: int) -> bytes:
+    return b'{"id":"p1","status":"IN_PROGRESS","x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def test_json_nested_too_deep_is_413(make_server: ServerFactory, r: redis.Redis) -> None:
+    server = make_server(max_json_depth=16)
+    with server.client("key-acme") as acme:
+        job, url = mint(acme)
+        deep = acme.post(url, content=nested(40))
+        assert deep.status_code == 413 and deep.json()["error"] == "json_too_deep"
+        assert acme.post(url, content=nested(10)).status_code == 200  # within the limit
+        refused = acme.post("/callback-urls", content=b'{"provider":"mjproxy","x":'
+                            + b"[" * 40 + b"]" * 40 + b"}")
+        assert refused.status_code == 413
+        assert acme.get(f"/tasks/{job}").json()["version"] == 2  # created, then the 10
+
+
+def test_callbacks_per_task_are_rate_limited(make_server: ServerFactory,
+                                             r: redis.Redis) -> None:
+    server = make_server(callback_rate=1.0, callback_burst=3.0)
+    with server.client("key-acme") as acme:
+        _, url = mint(acme)
+        _, other = mint(acme)
+        answers = [acme.post(url, content=sample("mjproxy-success.json")) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        assert answers[-1].json()["error"] == "rate_limited"
+        assert int(answers[-1].headers["retry-after"]) >= 1
+        assert acme.post(other, content=sample("mjproxy-success.json")).status_code == 200
+        time.sleep(1.1)  # one token back
+        assert acme.post(url, content=sample("mjproxy-success.json")).status_code == 200
+
+
+def test_submissions_per_tenant_are_rate_limited(make_server: ServerFactory,
+                                                 r: redis.Redis) -> None:
+    server = make_server(submit_rate=0.5, submit_burst=2.0)
+    with server.client("key-acme") as acme, server.client("key-beta") as beta:
+        # no provider is configured: each is a 400, but each is counted first
+        codes = [acme.post("/tasks", json={"prompt": "x"}).status_code for _ in range(3)]
+        assert codes == [400, 400, 429]
+        limited = acme.post("/tasks", json={"prompt": "x"})
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert beta.post("/tasks", json={"prompt": "x"}).status_code == 400  # not beta's
+
+
+def test_event_streams_per_tenant_are_limited(make_server: ServerFactory,
+                                              r: redis.Redis) -> None:
+    server = make_server(sse_max_per_tenant=2)
+    headers = {"Authorization": "Bearer key-acme"}
+    opened = threading.Barrier(3)
+    release = threading.Event()
+
+    def hold() -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as client, \
+                connect_sse(client, "GET", "/events", headers=headers) as source:
+            assert source.response.status_code == 200
+            opened.wait()
+            release.wait(10)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for t in holders:
+        t.start()
+    opened.wait()
+    time.sleep(0.2)
+    try:
+        with server.client("key-acme") as acme, server.client("key-beta") as beta:
+            third = acme.get("/events")
+            assert third.status_code == 429 and third.json()["error"] == "rate_limited"
+            assert "retry-after" in third.headers
+            with beta.stream("GET", "/events") as theirs:  # another tenant: not limited
+                assert theirs.status_code == 200
+    finally:
+        release.set()
+        for t in holders:
+            t.join(10)
+
+
+def test_a_body_that_trickles_is_cut_off(make_server: ServerFactory, r: redis.Redis) -> None:
+    server = make_server(body_timeout=0.5)
+    with server.client("key-acme") as acme:
+        _, url = mint(acme)
+    path = url.removeprefix(server.url)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                     .encode() + b'{"id":')  # and then nothing
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "body_timeout" in answer
+
+
+def test_slow_clients_do_not_hold_the_service(make_server: ServerFactory,
+                                              r: redis.Redis) -> None:
+    server = make_server()
+    slow = []
+    try:
+        for _ in range(200):  # slowloris: headers that never end
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"POST /callbacks/mjproxy HTTP/1.1\r\nHost: x\r\nX-A: ")
+            slow.append(sock)
+        with server.client("key-acme") as acme:
+            for _ in range(20):  # everyone else is served as usual
+                _, url = mint(acme)
+                assert acme.post(url, content=sample("mjproxy-success.json")).status_code == 200
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_cors_only_for_configured_origins(make_server: ServerFactory, r: redis.Redis) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization"}
+    closed = make_server()
+    with closed.client() as client:
+        assert "access-control-allow-origin" not in client.options(
+            "/tasks", headers=preflight).headers
+    opened = make_server(cors_origins=("https://app.example",))
+    with opened.client() as client:
+        answer = client.options("/tasks", headers=preflight)
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        evil = client.options("/tasks", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in evil.headers
+
+
+def test_the_dashboard_sends_security_headers(make_server: ServerFactory,
+                                              r: redis.Redis) -> None:
+    server = make_server()
+    with server.client() as client:
+        for path in ("/", "/dashboard/app.js"):
+            headers = client.get(path).headers
+            assert "script-src 'self'" in headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in headers["content-security-policy"]
+            assert headers["x-content-type-options"] == "nosniff"
+            assert headers["referrer-policy"] == "no-referrer"
