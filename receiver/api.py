@@ -47,7 +47,7 @@ async def create_callback_url(request: Request) -> Response:
     svc = services(request)
     body = await json_object(request, svc.settings.max_body_bytes)
     provider = body.get("provider")
-    if provider not in DIALECTS:
+    if not isinstance(provider, str) or provider not in DIALECTS:
         raise BadRequest(f"'provider' must be one of {sorted(DIALECTS)}")
     fields: dict[str, Any] = {}
     for name in ("action", "mode", "prompt", "parent_id", "provider_task_id"):

@@ -17,7 +17,7 @@ from receiver.constants import JOB_ID_RE, TENANT_RE
 from receiver.dialects import DIALECTS
 from receiver.models import EventKind, TaskStatus
 from receiver.providers import ACTIONS
-from receiver.submitter import DIMENSIONS, MAX_PROMPT, MODES
+from receiver.submitter import BUTTON_ACTIONS, DIMENSIONS, MAX_PROMPT, MODES
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -117,8 +117,9 @@ _SSE_OK = {
 }
 _SSE_ERRORS = {
     "400": _error("bad_request: Last-Event-ID is not an event id this service gave out"),
-    "401": _error("missing_api_key, invalid_api_key: no or an unknown API key; "
-                  "unauthorized: a bad or expired subscribe token", _WWW_AUTHENTICATE),
+    "401": _error("missing_api_key, invalid_api_key: no or an unknown API key (and no "
+                  "token); invalid_token, expired_token: a bad or expired subscribe token",
+                  _WWW_AUTHENTICATE),
     "403": _error("wrong_task: the subscribe token is for another task; loopback_only: open "
                   "mode and a non-loopback client"),
     **_RATE_LIMITED,
@@ -365,6 +366,24 @@ SCHEMA: dict[str, Any] = {
                                "or an action on a finished task of the tenant (parent_id, "
                                "and a button: its custom_id or label, or action and index). "
                                "action, mode and dimensions are case-insensitive.",
+                "anyOf": [
+                    {"description": "IMAGINE: a prompt",
+                     "required": ["prompt"], "not": {"required": ["parent_id"]},
+                     "properties": {"action": {"const": "IMAGINE"},
+                                    "prompt": {"pattern": "\\S"}}},
+                    {"description": "DESCRIBE: one image",
+                     "required": ["action", "images"], "not": {"required": ["parent_id"]},
+                     "properties": {"action": {"const": "DESCRIBE"},
+                                    "images": {"minItems": 1, "maxItems": 1}}},
+                    {"description": "BLEND: 2 to 5 images",
+                     "required": ["action", "images"], "not": {"required": ["parent_id"]},
+                     "properties": {"action": {"const": "BLEND"},
+                                    "images": {"minItems": 2, "maxItems": 5}}},
+                    {"description": "an action on a finished task: its button (button or "
+                                    "custom_id), or action and index",
+                     "required": ["parent_id"],
+                     "properties": {"action": {"enum": list(BUTTON_ACTIONS)}}},
+                ],
                 "properties": {
                     "provider": {"type": "string", "enum": sorted(DIALECTS),
                                  "description": "default: DEFAULT_PROVIDER, else the only "
@@ -471,8 +490,8 @@ SCHEMA: dict[str, Any] = {
                                "confirm now; nothing stored, polling settles it",
                                "CallbackVerifying"),
                     "400": _error("invalid_payload: the body is not a task of that dialect"),
-                    "401": _error("unauthorized: no token, or a bad or expired one",
-                                  _WWW_AUTHENTICATE),
+                    "401": _error("missing_token, invalid_token, expired_token: no token, "
+                                  "or a bad or expired one", _WWW_AUTHENTICATE),
                     "403": _error("wrong_provider: the token is for another provider; "
                                   "wrong_job: the job is bound to another provider task"),
                     "404": _error("unknown_provider: no such provider"),
