@@ -151,7 +151,10 @@ def _task_id(doc: dict[str, Any], key: str, body: bytes, wrapped: str | None = N
     value = doc.get(key)
     if isinstance(value, float):
         # orjson turns integers past 64 bits into floats; the stdlib keeps them exact.
-        exact = json.loads(body)
+        try:
+            exact = json.loads(body)
+        except (RecursionError, ValueError) as exc:  # nested past the stdlib's limit
+            raise InvalidPayload(f"the body cannot be read exactly: {exc}") from None
         if wrapped and key not in exact and isinstance(exact.get(wrapped), dict):
             exact = exact[wrapped]
         value = exact.get(key)
@@ -179,13 +182,15 @@ def _upper(value: Any) -> str | None:
 
 def _progress(value: Any) -> int | None:
     """``"45%"``, ``45`` or ``"45"`` -> 45; ``""`` or nonsense -> None (keep the stored)."""
-    if isinstance(value, str) and value[:-1].isascii() and value[:-1].isdigit() \
-            and value[-1] == "%":
+    if isinstance(value, str) and 1 < len(value) <= 5 and value[:-1].isascii() \
+            and value[:-1].isdigit() and value[-1] == "%":
         return min(100, int(value[:-1]))  # the usual "45%"
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float):
-        number = float(value)
+    if isinstance(value, int):
+        return max(0, min(100, value))  # also past what a float holds
+    if isinstance(value, float):
+        number = value
     elif isinstance(value, str):
         try:
             number = float(value.strip().rstrip("%") or "nan")
@@ -194,7 +199,7 @@ def _progress(value: Any) -> int | None:
     else:
         return None
     if not math.isfinite(number):
-        return None
+        return None  # out of range: the stored value stays
     return max(0, min(100, int(number)))
 
 

@@ -110,7 +110,7 @@ class TokenSigner:
             payload = self._subscribe.loads(token, max_age=self.subscribe_ttl)
         except SignatureExpired as exc:
             raise ExpiredToken("the subscribe token has expired") from exc
-        except BadSignature as exc:
+        except (BadSignature, UnicodeError) as exc:
             raise BadToken("the subscribe token is not valid") from exc
         tenant, task = (payload.get("t"), payload.get("k")) if isinstance(payload, dict) else (
             None, None)
@@ -126,7 +126,7 @@ class TokenSigner:
             )
         except SignatureExpired as exc:
             raise ExpiredToken("the callback token has expired") from exc
-        except BadSignature as exc:
+        except (BadSignature, UnicodeError) as exc:  # UnicodeError: not text a key signs
             raise BadToken("the callback token is not valid") from exc
         return _claims(payload), signed_at.timestamp()
 
