@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await worker.stop()
             await svc.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/callbacks/{provider}", CallbackEndpoint(), methods=["POST"]),
             Route("/callback-urls", api.create_callback_url, methods=["POST"]),
@@ -95,6 +95,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
         lifespan=lifespan,
     )
+    # "/callbacks/mjproxy/" is not a route: a 404, not a redirect that repeats the URL (and
+    # its token) in a Location header.
+    app.router.redirect_slashes = False
+    return app
 
 
 def error_response(exc: ReceiverError) -> Response:

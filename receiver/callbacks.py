@@ -107,7 +107,8 @@ async def read_body(receive: Receive, declared: str | None, limit: int,
     message = await receive()  # nearly always the whole body: no timer for it
     body: bytes = b""
     try:
-        async with asyncio.timeout(timeout if message.get("more_body") else None):
+        pieces = message.get("more_body") and timeout > 0  # 0: no limit
+        async with asyncio.timeout(timeout if pieces else None):
             while True:
                 if message["type"] == "http.disconnect":
                     return None

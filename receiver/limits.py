@@ -62,8 +62,8 @@ def check_depth(body: bytes, limit: int) -> None:
     """Refuse JSON nested deeper than ``limit``. Counting brackets (in C) bounds the depth
     from above, so only a document with many containers is parsed and walked here (one that
     is not JSON is left to its parser to refuse)."""
-    if body.count(b"{") + body.count(b"[") <= limit:
-        return
+    if limit <= 0 or body.count(b"{") + body.count(b"[") <= limit:
+        return  # 0: no limit
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -7,6 +7,7 @@ expiry. Keys rotate: the newest signs, all verify. Verification happens here and
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from typing import Any, NamedTuple
 
@@ -120,6 +121,8 @@ class TokenSigner:
         return SubscribeClaims(tenant, task)
 
     def _verify(self, token: str) -> tuple[CallbackClaims, float]:
+        if not _TOKEN_CHARS.match(token):  # itsdangerous would drop what is not base64
+            raise BadToken("the callback token is not valid")
         try:
             payload, signed_at = self._callback.loads(
                 token, max_age=self.callback_ttl, return_timestamp=True
@@ -129,6 +132,11 @@ class TokenSigner:
         except (BadSignature, UnicodeError) as exc:  # UnicodeError: not text a key signs
             raise BadToken("the callback token is not valid") from exc
         return _claims(payload), signed_at.timestamp()
+
+
+# What our tokens are made of (URL-safe base64 and dots), so one token has one spelling
+# (up to the spare bits of base64's last character, which carry nothing).
+_TOKEN_CHARS = re.compile(r"^[A-Za-z0-9_.-]{1,1024}\Z")
 
 
 def _claims(payload: Any) -> CallbackClaims:

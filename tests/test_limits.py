@@ -149,3 +149,26 @@ def test_the_dashboard_sends_security_headers(make_server: ServerFactory,
             assert "frame-ancestors 'none'" in headers["content-security-policy"]
             assert headers["x-content-type-options"] == "nosniff"
             assert headers["referrer-policy"] == "no-referrer"
+
+
+def test_zero_turns_a_limit_off(make_server: ServerFactory, r: redis.Redis) -> None:
+    server = make_server(max_json_depth=0, body_timeout=0, callback_rate=0)
+    with server.client("key-acme") as acme:
+        _, url = mint(acme)
+        assert acme.post(url, content=nested(200)).status_code == 200
+        _, other = mint(acme)
+        assert all(acme.post(other, content=sample("mjproxy-success.json")).status_code == 200
+                   for _ in range(30))
+
+
+def test_a_token_has_one_spelling_and_no_redirect_repeats_it(
+        make_server: ServerFactory, r: redis.Redis) -> None:
+    server = make_server()
+    with server.client("key-acme") as acme:
+        _, url = mint(acme)
+        # itsdangerous would drop the non-base64 tail; we refuse the token instead
+        assert acme.post(url + "%C3%A9", content=sample("mjproxy-success.json")
+                         ).status_code == 401
+        slash = acme.post(url.replace("/callbacks/mjproxy?", "/callbacks/mjproxy/?"),
+                          content=sample("mjproxy-success.json"), follow_redirects=False)
+        assert slash.status_code == 404 and "location" not in slash.headers
