@@ -203,6 +203,12 @@ async def run(work: Path, tasks: int = 500, steps: int = 20, time_limit: float =
         check(store, minted, acked, steps, report)
         web.stop()
         log = (work / "web.log").read_text()
+        if any(code.startswith("5") and code != "503" for code in report.answers):
+            # an internal error is a bug: keep what the web process said about it
+            kept = ROOT / ".receiver" / "chaos-web.log"
+            kept.parent.mkdir(exist_ok=True)
+            kept.write_text(log)
+            report.faults.append(f"internal errors: see {kept}")
         report.log_lines = log.count("\n")
         tokens = [job["callback_url"].partition("token=")[2] for job in minted]
         report.secrets_logged = sum(log.count(s) for s in (signing_key, api_key, *tokens))

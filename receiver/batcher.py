@@ -74,7 +74,12 @@ class _RespProtocol(asyncio.Protocol):
                 future.set_exception(error)
 
     def send(self, data: bytes, futures: list[asyncio.Future[Any]]) -> None:
-        assert self.transport is not None
+        if self.transport is None:  # lost between connecting and this (Redis killed)
+            error = RedisConnectionError("lost the connection to Redis")
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+            return
         self.waiting.extend(futures)
         self.transport.write(data)
 
