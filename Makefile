@@ -37,7 +37,7 @@ check-deploy: install
 # process (figures to RELIABILITY.md), then the fuzz suite with 20x the examples.
 chaos: install
 	$(BIN)/python -m bench.chaos --tasks 500 --steps 20
-	FUZZ_SCALE=20 $(BIN)/pytest -q tests/test_fuzz.py
+	FUZZ_SCALE=20 $(BIN)/pytest -q --timeout 1500 tests/test_fuzz.py
 
 bench: install
 	@command -v wrk >/dev/null || { $(APT) update -q && $(APT) install -y -q wrk; }
