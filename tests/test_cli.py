@@ -46,7 +46,7 @@ def test_serve_starts_its_own_redis_and_accepts_a_minted_callback(tmp_path: Path
             assert client.get(f"/tasks/{minted['job_id']}").json()["status"] == "SUCCESS"
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+        proc.wait(60)  # uvicorn (10 s grace), then Redis and the simulator: bounded
 
     output = log_path.read_text()
     token = url.split("token=")[1]
@@ -73,7 +73,7 @@ def test_submit_watch_on_a_fresh_service_shows_a_task_reach_100(tmp_path: Path) 
         listed = httpx.get(f"http://127.0.0.1:{env['PORT']}/tasks").json()["tasks"]
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+        proc.wait(60)  # uvicorn (10 s grace), then Redis and the simulator: bounded
     assert watched.returncode == 0, watched.stdout + watched.stderr
     assert "100%" in watched.stdout and "SUCCESS" in watched.stdout
     assert "━" in watched.stdout  # the bar
@@ -98,7 +98,7 @@ def test_json_logs_carry_request_ids_and_no_secret(tmp_path: Path) -> None:
             client.post(url + "x", content=b"{}")  # refused: a bad token
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+        proc.wait(60)  # uvicorn (10 s grace), then Redis and the simulator: bounded
     text = (tmp_path / "serve.log").read_text()
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     assert lines and all({"time", "level", "logger", "message"} <= set(doc) for doc in lines)
@@ -142,7 +142,7 @@ def test_receiver_worker_process_sends_what_the_web_process_queued(
         for proc in (worker, web):
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
-                proc.wait(20)
+                proc.wait(60)  # uvicorn (10 s grace), then Redis and the simulator: bounded
         simulator.stop()
     assert worker.returncode in (0, -signal.SIGTERM)
 
