@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from receiver.settings import Settings
 from receiver.worker import Worker
 
 log = logging.getLogger("receiver")
+SHUTDOWN_TIMEOUT = 10.0
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -57,9 +59,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
-            if worker is not None:
-                await worker.stop()
-            await svc.close()
+            # uvicorn does not time a lifespan's shutdown: bound ours, so SIGTERM always ends
+            # the process (what is not closed by then goes with it).
+            try:
+                async with asyncio.timeout(SHUTDOWN_TIMEOUT):
+                    if worker is not None:
+                        await worker.stop()
+                    await svc.close()
+            except TimeoutError:
+                log.error("shutdown took over %s s; exiting without it", SHUTDOWN_TIMEOUT)
 
     app = Starlette(
         routes=[
