@@ -45,7 +45,7 @@ async def create_callback_url(request: Request) -> Response:
     task (NOT_START) so its callbacks, and readers, find it."""
     tenant = authenticate(request)
     svc = services(request)
-    body = await json_object(request, svc.settings.max_body_bytes)
+    body = await json_object(request)
     provider = body.get("provider")
     if not isinstance(provider, str) or provider not in DIALECTS:
         raise BadRequest(f"'provider' must be one of {sorted(DIALECTS)}")
@@ -80,7 +80,7 @@ async def create_subscribe_token(request: Request) -> Response:
     Authorization header): for every task of the tenant, or for one (``task_id``)."""
     tenant = authenticate(request)
     svc = services(request)
-    body = await json_object(request, svc.settings.max_body_bytes)
+    body = await json_object(request)
     task_id = body.get("task_id")
     if task_id is not None:
         if not isinstance(task_id, str) or not JOB_ID_RE.match(task_id):
@@ -149,13 +149,14 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-async def json_object(request: Request, limit: int) -> dict[str, Any]:
-    svc = services(request)
-    raw = await read_body(request.receive, request.headers.get("content-length"), limit,
-                          svc.settings.body_timeout)
+async def json_object(request: Request) -> dict[str, Any]:
+    """The request's JSON object, within the body size, time and depth limits."""
+    settings = services(request).settings
+    raw = await read_body(request.receive, request.headers.get("content-length"),
+                          settings.max_body_bytes, settings.body_timeout)
     if raw is None:
         raise ClientDisconnect()
-    check_depth(raw, svc.settings.max_json_depth)
+    check_depth(raw, settings.max_json_depth)
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:

@@ -65,7 +65,7 @@ async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive,
         return None  # the sender hung up: nobody to answer
     check_depth(body, settings.max_json_depth)
     update = parser(body)
-    if update.status is TaskStatus.SUCCESS and svc.settings.verify_final:
+    if update.status is TaskStatus.SUCCESS and settings.verify_final:
         # Unsigned callbacks: a SUCCESS is what the provider says when asked.
         checked = await verify(svc, claims, update)
         if checked is None:  # cannot ask now: the reconciler will

@@ -51,7 +51,7 @@ async def create_task(request: Request) -> Response:
     tenant = authenticate(request)
     svc = services(request)
     svc.submit_limiter.take(tenant, "submissions")
-    body = await json_object(request, svc.settings.max_body_bytes)
+    body = await json_object(request)
     return JSONResponse(await submit_task(svc, tenant, body), status_code=202)
 
 
