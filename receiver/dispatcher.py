@@ -37,6 +37,7 @@ log = logging.getLogger("receiver.dispatcher")
 
 WAKE_EVERY = 1.0
 MAX_PAUSE = 30.0
+SEND_GRACE = 5.0  # seconds a stopping dispatcher waits for the answers to its sends
 
 
 class Dispatcher:
@@ -58,6 +59,8 @@ class Dispatcher:
                 for account in self.accounts:
                     group.create_task(self._dispatch(account))
         finally:
+            if self._sending:  # a send cut off leaves its task sent-or-not until the timeout
+                await asyncio.wait(self._sending, timeout=SEND_GRACE)
             for job in self._sending:
                 job.cancel()
             await asyncio.gather(*self._sending, return_exceptions=True)

@@ -198,6 +198,7 @@ async def mj_submit(request: Request) -> Response:
                                         custom_id=_text(doc, "customId"))
             spec = _action(spec, parent, button)
         task = sim.submit(spec)
+        await sim.answer_delay()
     except SimError as err:
         return _mj_error(err)
     return _json({"code": 1, "description": "提交成功", "result": task.key, "properties": {}})
@@ -261,6 +262,7 @@ async def ohmygpt(request: Request) -> Response:
                                        f"{parent.mode} pool, so its actions must be {parent.mode}")
             spec = _action(spec, parent, button)
         task = sim.submit(spec)
+        await sim.answer_delay()
     except SimError as err:
         return _omg_error(err)
     return _json({"statusCode": 200, "message": "Success", "data": task.id})
@@ -302,6 +304,7 @@ async def aigc2d_submit(request: Request) -> Response:
             parent, button = sim.parent("aigc2d", _task_id(doc, "task_id"), label=label)
             spec = _action(spec, parent, button)
         task = sim.submit(spec)
+        await sim.answer_delay()
     except SimError as err:
         return _a2d_error(err)
     return _json({"code": 0, "message": "success", "task_id": task.id})

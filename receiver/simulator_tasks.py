@@ -46,6 +46,9 @@ DESCRIBE_TEXT = "\n\n".join(
 FAIL_REASON = "[Simulated failure] Midjourney could not finish this job"
 
 
+_SECONDS = ("delay_callbacks", "submit_delay")
+
+
 def _check_fault(name: str, value: Any, kind: type) -> Any:
     if kind is bool:
         if not isinstance(value, bool):
@@ -56,9 +59,9 @@ def _check_fault(name: str, value: Any, kind: type) -> Any:
     number = float(value)
     if name == "slow" and number <= 0:
         raise ValueError("slow is a multiplier above 0")
-    if name == "delay_callbacks" and number < 0:
-        raise ValueError("delay_callbacks is seconds, 0 or more")
-    if name not in ("slow", "delay_callbacks") and not 0 <= number <= 1:
+    if name in _SECONDS and number < 0:
+        raise ValueError(f"{name} is seconds, 0 or more")
+    if name != "slow" and name not in _SECONDS and not 0 <= number <= 1:
         raise ValueError(f"{name} is a probability between 0 and 1")
     return number
 
@@ -80,6 +83,7 @@ class Faults:
     never_finish: bool = False  # tasks stop after their first progress step, until cleared
     slow: float = 1.0  # multiplier on the step interval
     empty_polls: bool = False  # polls answered 200 with no body (a forgotten task)
+    submit_delay: float = 0.0  # seconds between queueing a submission and answering it
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -360,6 +364,11 @@ class Simulator:
     def chance(self, probability: float) -> bool:
         # 0 and 1 draw nothing, so one probabilistic fault does not shift another's draws.
         return probability >= 1 or (probability > 0 and self.rng.random() < probability)
+
+    async def answer_delay(self) -> None:
+        """The `submit_delay` fault: the task is queued, its answer is late."""
+        if self.faults.submit_delay > 0:
+            await asyncio.sleep(self.faults.submit_delay)
 
     # --- submission ---------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ reconciler."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import redis
@@ -185,6 +186,28 @@ def test_dropped_callbacks_are_finished_by_polling(stack: Stack) -> None:
         task = wait_final(acme, submit(acme, provider="aigc2d", prompt="a quiet fox")["id"])
     assert task["status"] == "SUCCESS" and task["image_url"]
     assert sim_stats(simulator)["callbacks_sent"] == 0
+
+
+def test_a_send_in_flight_at_shutdown_gets_its_answer(stack: Stack) -> None:
+    receiver, simulator = stack()
+    faults(simulator, submit_delay=1.5, strip_callback_url=True)
+    with receiver.client("key-acme") as acme:
+        job = submit(acme, provider="mjproxy", prompt="a fox at closing time")["id"]
+        deadline = time.monotonic() + 10
+        while sim_stats(simulator)["submitted"] < 1:  # queued there, not yet answered
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    receiver.stop()  # the worker stops with the send in flight
+    again = LiveServer(replace(receiver.settings, embedded_worker=False)).start()
+    try:
+        with again.client("key-acme") as acme:
+            task = acme.get(f"/tasks/{job}").json()
+    finally:
+        again.stop()
+    # Not cut off and left NOT_START (unknown to the provider, for the timeout to fail):
+    # the answer came, and the provider's id is there for the reconciler to poll.
+    assert task["status"] == "SUBMITTED" and task["provider_task_id"], task
+    assert sim_stats(simulator)["submitted"] == 1
 
 
 def test_a_stalled_task_times_out_and_a_later_success_still_wins(stack: Stack) -> None:
