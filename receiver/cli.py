@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from receiver.listener import StreamProtocol
+
     settings = Settings.from_env()
     host = args.host or settings.host
     port = args.port or settings.port
@@ -128,7 +130,7 @@ def serve(args: argparse.Namespace) -> int:
         uvicorn.run(
             "receiver.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, access_log=not args.no_access_log,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=10, http=StreamProtocol,
             log_config=log_config(settings.log_format == "json"),
         )
     finally:

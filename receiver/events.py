@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 from redis.asyncio import Redis
@@ -62,14 +63,24 @@ class Event:
         return self.kind in TERMINAL_EVENTS
 
 
+class Sink(Protocol):
+    """A connection that writes a subscription's events itself, with no task waiting on
+    the subscription (`listener.StreamProtocol`)."""
+
+    def deliver(self, event: Event) -> None: ...
+    def cut(self) -> None: ...
+    def ping(self) -> None: ...
+
+
 class Subscription:
-    """One client's bounded queue of live events.
+    """One client's bounded queue of live events, or, once a connection has taken it
+    over, the hand-off of each event to that connection's `Sink`.
 
     Idle, it holds no list and no future: with thousands of idle SSE clients per process,
     every object per connection is memory and garbage-collector work (BENCHMARKS.md).
     """
 
-    __slots__ = ("cut_off", "items", "limit", "task_id", "tenant", "waiter")
+    __slots__ = ("cut_off", "items", "limit", "sink", "task_id", "tenant", "waiter")
 
     def __init__(self, tenant: str, task_id: str | None, limit: int) -> None:
         self.tenant = tenant
@@ -78,11 +89,14 @@ class Subscription:
         self.cut_off = False  # fell behind, the hub lost its subscription, or shutdown
         self.items: list[Event] | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.sink: Sink | None = None
 
     def push(self, event: Event) -> None:
         if self.task_id is not None and event.task_id != self.task_id:
             return
-        if self.items is None:
+        if self.sink is not None:
+            self.sink.deliver(event)
+        elif self.items is None:
             self.items = [event]
         elif len(self.items) >= self.limit:
             self.cut_off = True
@@ -91,7 +105,11 @@ class Subscription:
         self.wake()
 
     def cut(self) -> None:
+        if self.cut_off:
+            return
         self.cut_off = True
+        if self.sink is not None:
+            self.sink.cut()
         self.wake()
 
     def wake(self) -> None:
@@ -121,26 +139,29 @@ class EventHub:
     process without SSE clients receives no events at all (every event costs the reader
     a parse: with a subscription to every tenant, callback intake slowed by a fifth)."""
 
-    def __init__(self, redis: Redis, keys: Keys, queue_limit: int = 1000) -> None:
+    def __init__(self, redis: Redis, keys: Keys, queue_limit: int = 1000,
+                 ping_interval: float = 15.0) -> None:
         self.redis = redis
         self.keys = keys
         self.queue_limit = queue_limit
+        self.ping_interval = ping_interval  # for the clients whose connection is their Sink
         self.subscriptions: dict[str, set[Subscription]] = {}
         self.dropped = 0  # clients cut off for falling behind
         self.closing = False  # shutting down: new streams end at once
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._exit_watch: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._unsubscribing: set[asyncio.Task[None]] = set()
         # tenant -> confirmation of its channel's latest SUBSCRIBE
         self._listening: dict[str, asyncio.Future[None]] = {}
         # channel -> confirmations awaited, oldest first (Redis confirms in order)
         self._confirms: dict[bytes, deque[asyncio.Future[None]]] = {}
 
     async def start(self) -> None:
-        self._exit_watch = asyncio.create_task(self._watch_exit(), name="event-hub-exit")
+        self._ticker = asyncio.create_task(self._tick(), name="event-hub-tick")
 
     async def close(self) -> None:
-        for task in (self._reader, self._exit_watch):
+        for task in (self._reader, self._ticker, *self._unsubscribing):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -152,12 +173,21 @@ class EventHub:
             for sub in subs:
                 sub.cut()
 
-    async def _watch_exit(self) -> None:
-        """Streams never end by themselves, and uvicorn waits for every response before it
-        stops: on its exit signal (which sse-starlette's AppStatus hooks) cut every client,
-        so they reconnect to another process with Last-Event-ID."""
+    async def _tick(self) -> None:
+        """Pings the clients that have no task of their own to do it, and watches for the
+        exit: streams never end by themselves, and uvicorn waits for every response before
+        it stops, so on its exit signal (which sse-starlette's AppStatus hooks) every client
+        is cut off, to reconnect to another process with Last-Event-ID."""
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + self.ping_interval
         while not AppStatus.should_exit:
             await asyncio.sleep(0.5)
+            if loop.time() >= next_ping:
+                next_ping = loop.time() + self.ping_interval
+                for subs in list(self.subscriptions.values()):
+                    for sub in list(subs):
+                        if sub.sink is not None:
+                            sub.sink.ping()
         self.closing = True
         self.cut_all()
 
@@ -174,12 +204,27 @@ class EventHub:
             await self._listen(tenant)
             yield sub
         finally:
-            subs = self.subscriptions.get(tenant)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self.subscriptions[tenant]
-                    await self._unlisten(tenant)
+            if sub.sink is None and self._forget(sub):  # a Sink releases it when it closes
+                await self._unlisten(tenant)
+
+    def release(self, sub: Subscription) -> None:
+        """Ends a subscription that a `Sink` took over (from its connection_lost)."""
+        if self._forget(sub):
+            task = asyncio.get_running_loop().create_task(self._unlisten(sub.tenant))
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribing.discard)
+
+    def _forget(self, sub: Subscription) -> bool:
+        """Whether that was the tenant's last client here (its channel is left next)."""
+        subs = self.subscriptions.get(sub.tenant)
+        if subs is None:
+            return False
+        subs.discard(sub)
+        if subs:
+            return False
+        del self.subscriptions[sub.tenant]
+        self._listening.pop(sub.tenant, None)
+        return True
 
     def client_count(self) -> int:
         return sum(map(len, self.subscriptions.values()))
@@ -214,7 +259,8 @@ class EventHub:
         await asyncio.wait_for(asyncio.shield(confirmed), 10)
 
     async def _unlisten(self, tenant: str) -> None:
-        self._listening.pop(tenant, None)
+        if tenant in self.subscriptions:  # a new client came first and listens again
+            return
         if self._pubsub is not None:
             with contextlib.suppress(Exception):  # a lost connection unsubscribed it anyway
                 await self._pubsub.unsubscribe(self.keys.channel(tenant))

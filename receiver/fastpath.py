@@ -34,7 +34,7 @@ class FastPath:
         route = None
         if scope["type"] == "http":
             bind_request(scope)  # for the lines logged while it is served
-            route = _route(scope)
+            route = route_of(scope)
         if route is None:
             await self.app(scope, receive, send)
             return
@@ -54,7 +54,7 @@ class FastPath:
             await response(scope, receive, send)
 
 
-def _route(scope: Scope) -> Any:
+def route_of(scope: Scope) -> Any:
     """``receive_callback``, or (an SSE endpoint, its path parameters), or None."""
     method, path = scope["method"], scope["path"]
     if method == "POST":

@@ -65,7 +65,7 @@ class Services:
             redis = pubsub
             batcher = ScriptBatcher(url, TRANSITION, timeout)
         store = TaskStore(redis, batcher, settings)
-        hub = EventHub(pubsub, store.keys, settings.sse_queue_limit)
+        hub = EventHub(pubsub, store.keys, settings.sse_queue_limit, settings.sse_ping)
         metrics = Metrics()
         metrics.watch_hub(hub)
         return cls(

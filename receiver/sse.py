@@ -30,6 +30,11 @@ from receiver.services import Services, services
 
 _EVENT_ID_RE = re.compile(r"^\d{1,15}-\d{1,15}\Z")
 _CHUNK = 500  # stream entries read per round trip when replaying
+DETACH = "receiver.detach"  # the scope extension of a server that writes live events itself
+# Comment lines with no blank line after them: a blank line after a comment makes some
+# clients (httpx-sse) dispatch an empty event carrying the last id.
+PING = b": ping\r\n"
+CUT = b": cut off: reconnect with Last-Event-ID\r\n"
 
 
 class WrongTask(Forbidden):
@@ -102,7 +107,11 @@ class EventStream:
     disconnect. sse-starlette's EventSourceResponse (four tasks and their events per client,
     a cancel scope per send) measured 46 KiB and ~258 tracked objects per idle client, and
     long garbage-collector pauses at 10,000 of them (BENCHMARKS.md); this keeps an idle
-    client to its subscription, one future and one timer."""
+    client to its subscription, one future and one timer.
+
+    Served by `listener.StreamProtocol` (``receiver serve``), it does less: once history is
+    replayed it hands the subscription to the connection (the ``receiver.detach`` scope
+    extension) and returns, and the connection writes the live events itself."""
 
     def __init__(self, svc: Services, tenant: str, task_id: str | None, last: str | None):
         self.svc, self.tenant, self.task_id, self.last = svc, tenant, task_id, last
@@ -117,6 +126,7 @@ class EventStream:
                 sub.cut()
 
             gone = asyncio.get_running_loop().create_task(until_gone())
+            detached = False
             try:
                 await self._send(send, _HEADERS)
                 await self._send(send, b": receiver\r\nretry: %d\r\n\r\n" % settings.sse_retry_ms)
@@ -127,23 +137,31 @@ class EventStream:
                     sent, done = await self._deliver(send, [event], sent)
                     if done:
                         return
+                detach = scope.get("extensions", {}).get(DETACH)
+                if detach is not None and not sub.cut_off:
+                    detached = detach(self.svc.hub, sub, sent, settings.sse_send_timeout)
+                    if detached:
+                        return
                 while True:
                     await sub.wait(settings.sse_ping)
                     if sub.cut_off:
                         break
                     events = sub.take()
                     if not events:
-                        await self._send(send, b": ping\r\n\r\n")
+                        await self._send(send, PING)
                         continue
                     sent, done = await self._deliver(send, events, sent)
                     if done:
                         return
                 if not gone.done():  # fell behind, or shutting down: say so, end the response
-                    await self._send(send, b": cut off: reconnect with Last-Event-ID\r\n\r\n")
+                    await self._send(send, CUT)
+            except TimeoutError:  # a send waited SSE_SEND_TIMEOUT: the client stopped reading
+                self.svc.hub.dropped += 1
             finally:
                 gone.cancel()
-                with contextlib.suppress(Exception):
-                    await self._send(send, b"", more=False)
+                if not detached:
+                    with contextlib.suppress(Exception):
+                        await self._send(send, b"", more=False)
 
     async def _deliver(self, send: Send, events: list[Event], sent: tuple[int, int]
                        ) -> tuple[tuple[int, int], bool]:

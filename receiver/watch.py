@@ -50,7 +50,7 @@ def watch(
                         return 2
                     down_since = None
                     for sse in source.iter_sse():
-                        if not sse.id:
+                        if not sse.id or not sse.data:  # the retry hint
                             continue
                         last, task = sse.id, orjson.loads(sse.data)
                         _show(progress, bars, task)

@@ -22,6 +22,7 @@ from starlette.datastructures import Secret
 
 from receiver.app import create_app
 from receiver.constants import Keys
+from receiver.listener import StreamProtocol
 from receiver.redis_server import RedisServer, free_port
 from receiver.settings import PROVIDERS, ProviderAccount, Settings
 from receiver.simulator import SimulatorConfig, create_simulator
@@ -42,15 +43,15 @@ TIMEOUT = httpx.Timeout(10.0)
 
 class LiveServer:
     """A real uvicorn serving the receiver (or ``app``) on a loopback port, in a thread of
-    the test process."""
+    the test process, with the HTTP protocol ``receiver serve`` uses (or ``http``)."""
 
     def __init__(self, settings: Settings | None = None, port: int | None = None,
-                 app: Any = None) -> None:
+                 app: Any = None, http: Any = StreamProtocol) -> None:
         self.settings = settings or Settings()
         self.port = port or free_port()
         config = uvicorn.Config(
             app or create_app(self.settings), host="127.0.0.1", port=self.port,
-            log_level="warning", lifespan="on", timeout_graceful_shutdown=2,
+            log_level="warning", lifespan="on", timeout_graceful_shutdown=2, http=http,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -203,9 +204,9 @@ def make_server(redis_server: RedisServer) -> Iterator[Callable[..., LiveServer]
     """Start a server with the test settings, overridden by keyword; stopped at teardown."""
     started: list[LiveServer] = []
 
-    def make(**overrides: Any) -> LiveServer:
+    def make(http: Any = StreamProtocol, **overrides: Any) -> LiveServer:
         overrides.setdefault("redis_url", redis_server.url)
-        server = LiveServer(base_settings(**overrides)).start()
+        server = LiveServer(base_settings(**overrides), http=http).start()
         started.append(server)
         return server
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import threading
 import time
@@ -18,10 +19,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from receiver.events import event_key
+from receiver.listener import StreamProtocol
 from receiver.redis_server import RedisServer
 from tests.conftest import KEYS, TIMEOUT, LiveServer, base_settings, mint
 
 ACME = {"Authorization": "Bearer key-acme"}
+
+
+@pytest.fixture(params=["listener", "uvicorn"])
+def make_server(request: pytest.FixtureRequest, make_server: Callable[..., LiveServer]
+                ) -> Callable[..., LiveServer]:
+    """Each test twice: with `receiver serve`'s protocol, whose idle streams the connection
+    writes itself, and with uvicorn's, where `sse.EventStream` loops to the end."""
+    return functools.partial(make_server, http=StreamProtocol if request.param == "listener"
+                             else "httptools")
 
 
 def progress(task: str, pct: int, prompt: str = "a cat") -> bytes:
@@ -230,7 +241,7 @@ def test_connect_disconnect_cycles_leave_nothing_behind(
     server: LiveServer, acme: httpx.Client, r: redis.Redis
 ) -> None:
     hub = server.server.config.app.state.services.hub
-    loop = hub._exit_watch.get_loop()
+    loop = hub._ticker.get_loop()
 
     def tasks() -> int:
         async def count() -> int:
@@ -362,3 +373,17 @@ def test_an_id_older_than_the_stream_holds_gets_current_snapshots_first(
     assert [e.id for e in events[:4]] == sorted(latest, key=event_key)
     assert [orjson.loads(e.data)["progress"] for e in events[:4]] == [79] * 4
     assert (events[4].event, orjson.loads(events[4].data)["id"]) == ("task.succeeded", job)
+
+
+def test_an_idle_stream_is_pinged(make_server: Callable[..., LiveServer], r: redis.Redis
+                                  ) -> None:
+    server = make_server(sse_ping=0.3)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-acme\r\n\r\n")
+        data = b""
+        while data.count(b": ping\r\n") < 2:  # comment lines: no blank line after them
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        if b"transfer-encoding: chunked" not in data:  # else chunks end in CRLF anyway
+            assert b": ping\r\n\r\n" not in data

@@ -1,0 +1,186 @@
+"""`listener.StreamProtocol`: idle event streams without a task, everything else uvicorn's."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from receiver.listener import StreamProtocol
+from receiver.redis_server import RedisServer
+from tests.conftest import LiveServer, base_settings, mint
+
+HEAD = b"Host: x\r\nAuthorization: Bearer key-acme\r\n\r\n"
+
+
+def progress(pct: int) -> bytes:
+    return orjson.dumps({"id": "p1", "status": "IN_PROGRESS", "progress": f"{pct}%"})
+
+
+class Raw:
+    """A client on a plain socket, reading everything the server writes."""
+
+    def __init__(self, server: LiveServer, request: bytes) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.sock.sendall(request)
+        self.data = b""
+
+    def read_until(self, marker: bytes, timeout: float = 10, count: int = 1) -> bytes:
+        deadline = time.monotonic() + timeout
+        while self.data.count(marker) < count:
+            assert time.monotonic() < deadline, f"no {marker!r} in {self.data[-300:]!r}"
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"closed before {marker!r}: {self.data[-300:]!r}")
+            self.data += chunk
+        return self.data
+
+    def read_to_end(self, timeout: float = 10) -> bytes:
+        self.sock.settimeout(timeout)
+        while chunk := self.sock.recv(65536):
+            self.data += chunk
+        return self.data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def on_loop(server: LiveServer, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on the server's event loop (its tasks, its connections)."""
+    loop = server.server.config.app.state.services.hub._ticker.get_loop()
+
+    async def call() -> Any:
+        return fn()
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(5)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def streams(redis_server: RedisServer, r: redis.Redis) -> Iterator[LiveServer]:
+    server = LiveServer(base_settings(redis_server.url)).start()
+    yield server
+    server.stop()
+
+
+def test_idle_streams_hold_no_task_and_still_get_every_event(streams: LiveServer) -> None:
+    server = streams
+    hub = server.server.config.app.state.services.hub
+    with server.client("key-acme") as acme:
+        job, url = mint(acme)
+        clients = [Raw(server, b"GET /events HTTP/1.1\r\n" + HEAD)]
+        clients[0].read_until(b"retry: ")  # the hub's reader task starts with the first
+        wait_for(lambda: hub.client_count() == 1, "the first subscription")
+        baseline = on_loop(server, lambda: len(asyncio.all_tasks())) - 1  # less on_loop's
+        clients += [Raw(server, b"GET /events HTTP/1.1\r\n" + HEAD) for _ in range(39)]
+        clients += [Raw(server, f"GET /tasks/{job}/events HTTP/1.1\r\n".encode() + HEAD)
+                    for _ in range(10)]
+        for client in clients:
+            client.read_until(b"retry: ")
+        wait_for(lambda: hub.client_count() == 50, "50 subscriptions")
+        # The replay is done: each connection writes its own events, with no task left.
+        wait_for(lambda: on_loop(server, lambda: len(asyncio.all_tasks())) - 1 == baseline,
+                 "a task per stream left: " + repr(on_loop(server, lambda: [
+                     t.get_coro() for t in asyncio.all_tasks()])))
+        assert all(sub.sink is not None for subs in hub.subscriptions.values()
+                   for sub in subs)
+        for pct in (10, 20):
+            assert acme.post(url, content=progress(pct)).status_code == 200
+        for client in clients:
+            client.read_until(b'"progress":20')
+            assert client.data.count(b"event: task.progress") == 2
+        assert acme.post(url, content=orjson.dumps({"id": "p1", "status": "SUCCESS"})
+                         ).status_code == 200
+        for client in clients[40:]:  # a task's stream ends after its terminal event
+            assert client.read_to_end().endswith(b"\r\n\r\n")
+            assert b"event: task.succeeded" in client.data
+        wait_for(lambda: hub.client_count() == 40, "the task streams released")
+        for client in clients:
+            client.close()
+        wait_for(lambda: hub.client_count() == 0, "subscriptions left")
+        wait_for(lambda: len(server.server.server_state.connections) <= 1, "connections left")
+        assert on_loop(server, lambda: len(asyncio.all_tasks())) - 1 <= baseline
+
+
+def test_other_requests_pass_to_uvicorn_on_the_same_connection(streams: LiveServer) -> None:
+    ping = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    raw = Raw(streams, ping + ping)  # pipelined, on one kept-alive connection
+    raw.read_until(b"HTTP/1.1 200 OK", count=2)
+    raw.sock.sendall(ping)  # and a third, later: still uvicorn's keep-alive connection
+    raw.read_until(b"HTTP/1.1 200 OK", count=3)
+    raw.close()
+
+
+def test_unusual_stream_requests_get_uvicorns_own_handling(streams: LiveServer) -> None:
+    old = Raw(streams, b"GET /events HTTP/1.0\r\n" + HEAD)  # HTTP/1.0: uvicorn's protocol
+    assert old.read_until(b"retry: ").startswith(b"HTTP/1.1 200 OK")
+    assert b"transfer-encoding: chunked" in old.data.split(b"\r\n\r\n")[0]  # uvicorn's
+    old.close()
+    broken = Raw(streams, b"GET /events HTTP/1.1\r\nNo colon here\r\n\r\n")
+    assert broken.read_to_end().startswith(b"HTTP/1.1 400 Bad Request")
+    refused = Raw(streams, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")  # no key
+    head, _, body = refused.read_to_end().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ") and b"connection: close" in head
+    assert b"transfer-encoding" not in head  # the listener's (it closes instead)
+    assert set(orjson.loads(body)) == {"error", "detail"}
+
+
+def test_shutdown_tells_every_stream_to_reconnect(streams: LiveServer) -> None:
+    clients = [Raw(streams, b"GET /events HTTP/1.1\r\n" + HEAD) for _ in range(5)]
+    for client in clients:
+        client.read_until(b"retry: ")
+    started = time.monotonic()
+    streams.stop()
+    assert not streams.thread.is_alive()
+    assert time.monotonic() - started < 5  # not uvicorn's graceful timeout
+    for client in clients:
+        assert client.read_to_end().endswith(b": cut off: reconnect with Last-Event-ID\r\n")
+
+
+class QuickHead(StreamProtocol):
+    head_timeout = 0.3
+
+
+def test_a_connection_that_never_finishes_its_head_is_closed(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    server = LiveServer(base_settings(redis_server.url), http=QuickHead).start()
+    try:
+        raw = Raw(server, b"GET /events HTTP/1.1\r\nHost: x\r\n")
+        assert raw.read_to_end(timeout=5) == b""
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/healthz").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_an_app_that_raises_gets_a_500_and_the_connection_closed() -> None:
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        raise RuntimeError("a bug")
+
+    server = LiveServer(app=broken).start()  # with StreamProtocol, as every LiveServer
+    try:
+        raw = Raw(server, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = raw.read_to_end().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+        assert b"connection: close" in head and body == b"Internal Server Error"
+    finally:
+        server.stop()
