@@ -76,11 +76,14 @@ from receiver.redis_server import RedisServer, free_port
 from receiver.settings import DEFAULT_TENANT
 
 NAIVE_APP = "bench.naive_sse:create_app"
-APPS = {"ours": OURS_APP, "naive": NAIVE_APP}
-SIDES = ("ours", "naive")
+APPS = {"ours": OURS_APP, "asgi": OURS_APP, "naive": NAIVE_APP}
+# The HTTP protocol of each side: `receiver serve`'s, or uvicorn's own (httptools).
+PROTOCOL = {"ours": "receiver.listener:StreamProtocol"}
+SIDES = ("ours", "asgi", "naive")
 # The sides that take the callbacks themselves (the receiver's app); naive's come from ours.
-PRODUCERS = frozenset({"ours"})
-LABEL = {"ours": "receiver (one hub)", "naive": "naive (pub/sub per client)"}
+PRODUCERS = frozenset({"ours", "asgi"})
+LABEL = {"ours": "receiver (`receiver serve`)", "asgi": "receiver, uvicorn's protocol",
+         "naive": "naive (pub/sub per client)"}
 CHANNEL = Keys(DEFAULT_PREFIX).channel(DEFAULT_TENANT)
 NOFILE = 65_536  # wanted for this process and (inherited) the servers and Redis
 EVENT_END = b"\r\n\r\n"  # sse-starlette's default line separator is CRLF
@@ -141,9 +144,14 @@ def proc_rss_kib(pid: int) -> int:
 
 @contextlib.contextmanager
 def uvicorn_child(name: str, app: str, env: dict[str, str], log_path: Path) -> Iterator[Server]:
-    """``python -m uvicorn <app>`` with the shared flags; stopped (then killed) on exit."""
+    """``python -m uvicorn <app>`` with the shared flags (`bench.server` for another HTTP
+    protocol); stopped (then killed) on exit."""
     port = free_port()
-    with child_server(uvicorn_command(app, port), port, env, log_path) as proc:
+    command = uvicorn_command(app, port)
+    if name in PROTOCOL:
+        command = [sys.executable, "-m", "bench.server", app, "--port", str(port),
+                   "--http", PROTOCOL[name]]
+    with child_server(command, port, env, log_path) as proc:
         yield Server(name, port, proc.pid)
 
 
@@ -916,9 +924,13 @@ def report(res: Results, args: argparse.Namespace, argv: Sequence[str],
         f"{version('hiredis')}, redis-server {redis_version}",
         f"- servers: `python -m uvicorn <app> --factory --host {HOST} --port P "
         f"{' '.join(UVICORN_FLAGS)}` (one worker), `<app>` = "
-        + " or ".join(f"`{APPS[s]}`" for s in servers) + "; "
-        "env REDIS_URL = one throwaway redis-server (no persistence, default config, "
+        + " or ".join(f"`{a}`" for a in dict.fromkeys(APPS[s] for s in servers)) + "; "
+        + "".join(f"{LABEL[s]}: the same through `python -m bench.server` with `--http "
+                  f"{PROTOCOL[s]}`, as `receiver serve` runs it; " for s in servers
+                  if s in PROTOCOL)
+        + "env REDIS_URL = one throwaway redis-server (no persistence, default config, "
         "maxclients 10000), RECEIVER_SECRET_KEYS random, no RECEIVER_API_KEYS (open mode, "
+        "SSE_MAX_PER_TENANT=0 (no cap on one tenant's streams), "
         f"tenant `default`); open-files limit {limits}",
         f"- (a): {args.subscribers} subscribers on `GET /events`; a paced open-loop "
         f"generator POSTs {args.rate:,.0f} mjproxy callbacks/s to our service for "
@@ -1035,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_version = str(cast(dict[str, Any], client.info("server"))["redis_version"])
             env = {**os.environ, "REDIS_URL": store.url,
                    "RECEIVER_SECRET_KEYS": secrets.token_urlsafe(32),
-                   "RECEIVER_API_KEYS": "", "PUBLIC_BASE_URL": "",
+                   "RECEIVER_API_KEYS": "", "SSE_MAX_PER_TENANT": "0", "PUBLIC_BASE_URL": "",
                    "REDIS_PREFIX": DEFAULT_PREFIX}
             with contextlib.ExitStack() as stack:
                 for side in dict.fromkeys(["ours", *args.sides]):  # ours is the producer

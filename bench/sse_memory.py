@@ -39,7 +39,7 @@ from typing import NamedTuple
 import uvloop
 
 from bench.ingest import HOST, ROOT, child_server
-from bench.sse import APPS, NOFILE, Server, SseClient, connect, disconnect, raise_nofile
+from bench.sse import APPS, NOFILE, PROTOCOL, Server, SseClient, connect, disconnect, raise_nofile
 from receiver.constants import DEFAULT_PREFIX
 from receiver.redis_server import RedisServer, free_port
 
@@ -69,8 +69,8 @@ def census() -> dict[str, tuple[int, int]]:
     return {name: (counts[name], sizes[name]) for name in counts}
 
 
-def serve(app: str, port: int, trace: bool) -> None:
-    import uvicorn
+def serve(app: str, port: int, trace: bool, http: str) -> None:
+    from bench.server import run
 
     if trace:
         tracemalloc.start(FRAMES)
@@ -106,19 +106,19 @@ def serve(app: str, port: int, trace: bool) -> None:
     gc.callbacks.append(on_gc)
 
     signal.signal(signal.SIGUSR1, dump)
-    uvicorn.run(app, factory=True, host=HOST, port=port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning")
+    run(app, port, http)
 
 
 # --- the parent ----------------------------------------------------------------------------
 
 
 @contextmanager
-def traced_server(app: str, env: dict[str, str], dump_prefix: Path, log_path: Path,
-                  trace: bool) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
+def traced_server(app: str, http: str, env: dict[str, str], dump_prefix: Path,
+                  log_path: Path, trace: bool
+                  ) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
     port = free_port()
     command = [sys.executable, "-m", "bench.sse_memory", "--serve", app, "--port", str(port),
-               *([] if trace else ["--no-trace"])]
+               "--http", http, *([] if trace else ["--no-trace"])]
     with child_server(command, port, {**env, _DUMP_ENV: str(dump_prefix)}, log_path,
                       start_timeout=60) as proc:
         yield Server(app, port, proc.pid), proc
@@ -278,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="no tracemalloc: RSS, census and GC pause only, undistorted")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the child
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--http", default="httptools", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, args.trace)
+        serve(args.serve, args.port, args.trace, args.http)
         return 0
     raise_nofile(NOFILE)
     out_dir = ROOT / "bench" / "results" / "sse"
@@ -289,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         store = RedisServer(data_dir=Path(tmp) / "redis", persist=False).start()
         try:
             env = {**os.environ, "REDIS_URL": store.url, "REDIS_PREFIX": DEFAULT_PREFIX,
-                   "RECEIVER_SECRET_KEYS": secrets.token_urlsafe(32), "RECEIVER_API_KEYS": ""}
+                   "RECEIVER_SECRET_KEYS": secrets.token_urlsafe(32), "RECEIVER_API_KEYS": "",
+                   "SSE_MAX_PER_TENANT": "0"}
             prefix = Path(tmp) / "dump"
-            with traced_server(APPS[args.app], env, prefix, out_dir / f"memory-{args.app}.log",
+            with traced_server(APPS[args.app], PROTOCOL.get(args.app, "httptools"), env,
+                               prefix, out_dir / f"memory-{args.app}.log",
                                args.trace) as (server, proc):
                 text = uvloop.run(asyncio.wait_for(
                     measure(server, proc, prefix, args.connections, args.churn), 600))
