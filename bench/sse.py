@@ -90,6 +90,7 @@ EVENT_END = b"\r\n\r\n"  # sse-starlette's default line separator is CRLF
 GOAL_P99_MS = 10.0
 GOAL_CONNECTIONS = 10_000
 GOAL_KB_PER_CONNECTION = 10.0
+GOAL_FANOUT_MS = 100.0
 SECTION = "## bench/sse"
 
 
@@ -893,6 +894,12 @@ def goals(res: Results) -> list[str]:
                    f"{verdict(h.held >= GOAL_CONNECTIONS)}; under "
                    f"{GOAL_KB_PER_CONNECTION:g} KB each: {per * 1.024:.2f} KB "
                    f"({kib(per)}), {verdict(per * 1.024 < GOAL_KB_PER_CONNECTION)}")
+    if "ours" in res.fan_out:
+        last = res.fan_out["ours"].last_ms
+        worst = max(last, default=math.nan)
+        out.append(f"- (c) ours: the last of {res.fan_out['ours'].subscribers:,} subscribers "
+                   f"within {GOAL_FANOUT_MS:g} ms: the slowest of {len(last)} events "
+                   f"{ms(worst)}, {verdict(worst < GOAL_FANOUT_MS)}")
     if "naive" in res.holding:
         h = res.holding["naive"]
         out.append(f"- (b) naive: {h.held:,} of {h.wanted:,} wanted"
@@ -908,12 +915,14 @@ def report(res: Results, args: argparse.Namespace, argv: Sequence[str],
     return "\n".join([
         SECTION,
         "",
-        "Live events over SSE, our service (one Redis PSUBSCRIBE per process feeding every "
-        "client through in-memory queues, `receiver/events.py`) against the pattern a user "
-        "would write instead (`bench/naive_sse.py`: sse-starlette, each client its own Redis "
-        "pub/sub subscription to `receiver:events:{default}`). Events are real callbacks "
-        "POSTed to our service, which publishes each on that channel, so both sides deliver "
-        "the same events. `.venv/bin/python -m bench.sse` regenerates this section.",
+        "Live events over SSE, our service (one Redis subscription per process, "
+        "`receiver/events.py`; as `receiver serve` runs it, the hub writes each event to "
+        "every idle client's connection, `receiver/listener.py`; and the same app under "
+        "uvicorn's own protocol, a loop per client) against the pattern a user would write "
+        "instead (`bench/naive_sse.py`: sse-starlette, each client its own Redis pub/sub "
+        "subscription to `receiver:events:{default}`). Events are real callbacks POSTed to "
+        "our service, which publishes each on that channel, so every side delivers the same "
+        "events. `.venv/bin/python -m bench.sse` regenerates this section.",
         "",
         f"- command: `{command}`",
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; code: {code_version()}",
