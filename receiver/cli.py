@@ -182,7 +182,7 @@ def _start_simulator(settings: Settings) -> subprocess.Popen[bytes]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     child = subprocess.Popen([sys.executable, "-m", "receiver.cli", "simulate",
-                              "--port", str(port)])
+                              "--port", str(port)], process_group=0)  # as RedisServer's
     deadline = time.monotonic() + 15
     try:
         while True:

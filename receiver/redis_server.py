@@ -57,6 +57,9 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own process group: a terminal's Ctrl-C reaches the service, which stops
+            # this last, not Redis first with the service still shutting down on it.
+            process_group=0,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout

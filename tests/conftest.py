@@ -79,14 +79,15 @@ class LiveServer:
 
 
 def serve_process(port: int, env: dict[str, str], log_path: Path, *args: str,
-                  inherit: bool = True) -> subprocess.Popen[bytes]:
+                  inherit: bool = True, session: bool = False) -> subprocess.Popen[bytes]:
     """A real `receiver serve --port PORT ARGS` process, once /readyz answers 200. Its
-    environment is ours plus ``env``, or only ``env`` (``inherit=False``)."""
+    environment is ours plus ``env``, or only ``env`` (``inherit=False``); ``session``:
+    in a session and process group of its own, as in a terminal."""
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "receiver.cli", "serve", "--port", str(port), *args],
             env={**os.environ, **env} if inherit else env, stdout=log,
-            stderr=subprocess.STDOUT, cwd=log_path.parent)
+            stderr=subprocess.STDOUT, cwd=log_path.parent, start_new_session=session)
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,37 @@ def test_serve_starts_its_own_redis_and_accepts_a_minted_callback(tmp_path: Path
     assert (tmp_path / "data" / "secret_key").stat().st_mode & 0o077 == 0
     redis_url = next(w for w in output.split() if w.startswith("redis://"))
     try:  # the child Redis went with the service
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+        alive = True
+    except redis.ConnectionError:
+        alive = False
+    assert not alive
+
+
+def test_ctrl_c_stops_the_service_before_its_redis_and_simulator(tmp_path: Path) -> None:
+    env = fresh_env(tmp_path)
+    port = int(env["PORT"])
+    proc = serve_process(port, env, tmp_path / "serve.log", "--simulator", inherit=False,
+                         session=True)
+    stream = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        stream.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"retry: " not in data:
+            data += stream.recv(4096)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group
+        assert proc.wait(60) == 0
+        while chunk := stream.recv(4096):
+            data += chunk
+    finally:
+        stream.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert data.endswith(b": cut off: reconnect with Last-Event-ID\r\n")
+    output = (tmp_path / "serve.log").read_text()
+    assert "lost" not in output and "Error" not in output, output  # Redis outlived the app
+    redis_url = next(w for w in output.split() if w.startswith("redis://"))
+    try:  # and was stopped after it
         redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
         alive = True
     except redis.ConnectionError:
