@@ -29,7 +29,13 @@ from urllib.parse import unquote
 import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+from uvicorn.protocols.utils import (
+    get_client_addr,
+    get_local_addr,
+    get_path_with_query_string,
+    get_remote_addr,
+    is_ssl,
+)
 from uvicorn.server import ServerState
 
 from receiver import fastpath
@@ -39,6 +45,7 @@ from receiver.sse import CUT, DETACH, PING
 if TYPE_CHECKING:
     from receiver.events import Event, EventHub, Subscription
 
+CLOSE_GRACE = 1.0  # seconds a closing connection's client gets to read what is buffered
 _MAX_HEAD = 64 * 1024  # past this uvicorn's protocol answers (httptools' own limits)
 _REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 _DISCONNECT = {"type": "http.disconnect"}
@@ -49,8 +56,8 @@ access_log = logging.getLogger("uvicorn.access")
 
 class StreamProtocol(asyncio.Protocol):
     __slots__ = ("app_state", "backlog", "buffer", "config", "drained", "gone", "hub",
-                 "paused", "requested", "responded", "send_timeout", "sent", "server_state",
-                 "sub", "target", "task_stream", "timer", "transport")
+                 "lost", "paused", "requested", "responded", "scope", "send_timeout", "sent",
+                 "server_state", "stopping", "sub", "task_stream", "timer", "transport")
     head_timeout = 10.0  # seconds for a new connection to send its request line and headers
 
     def __init__(self, config: Config, server_state: ServerState,
@@ -65,7 +72,9 @@ class StreamProtocol(asyncio.Protocol):
         self.buffer = b""
         self.timer: asyncio.TimerHandle | None = None  # the head's deadline; a stall's
         self.requested = False  # the request is read (and the app runs)
-        self.target = b""  # what it asked for, until the access log has it
+        self.scope: dict[str, Any] | None = None  # the request, until the access log has it
+        self.stopping = False  # uvicorn is shutting down: a stream that detaches is cut
+        self.lost = False  # the connection is gone
         self.responded = False  # the response's head is written
         self.gone: asyncio.Future[None] | None = None  # what `receive` waits on
         self.paused = False
@@ -88,6 +97,7 @@ class StreamProtocol(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(self.head_timeout, transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.server_state.connections.discard(self)
         self._cancel_timer()
         if self.gone is not None and not self.gone.done():
@@ -122,7 +132,6 @@ class StreamProtocol(asyncio.Protocol):
             self._hand_over()  # anything unusual gets uvicorn's handling
             return
         self._cancel_timer()
-        self.target = self.buffer[4:line_end - 9]
         self.buffer = b""
         self.requested = True
         self.server_state.total_requests += 1
@@ -140,12 +149,14 @@ class StreamProtocol(asyncio.Protocol):
         protocol.data_received(data)
 
     def shutdown(self) -> None:
-        """uvicorn's graceful shutdown: a detached stream is told to reconnect elsewhere; a
-        stream still replaying is cut by the hub; a connection yet to send a request ends."""
+        """uvicorn's graceful shutdown: a detached stream is told to reconnect elsewhere, and
+        so is a stream still replaying, once it detaches; a connection yet to send a request,
+        or one whose client stopped reading, ends now."""
+        self.stopping = True
         if self.sub is not None:
             self.sub.cut()
-        elif not self.requested and self.transport is not None:
-            self.transport.close()
+        elif self.paused or not self.requested:
+            self._close()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -155,7 +166,7 @@ class StreamProtocol(asyncio.Protocol):
     def _arm_stall_timer(self) -> None:
         """A detached client that does not drain within SSE_SEND_TIMEOUT is cut off."""
         self._cancel_timer()
-        self.timer = asyncio.get_running_loop().call_later(self.send_timeout, self._fell_behind)
+        self.timer = asyncio.get_running_loop().call_later(self.send_timeout, self._stalled)
 
     def resume_writing(self) -> None:
         self.paused = False
@@ -164,6 +175,20 @@ class StreamProtocol(asyncio.Protocol):
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
         self.drained = None
+
+    def _close(self) -> None:
+        """Ends the connection after what is buffered. A client that has not taken that
+        within CLOSE_GRACE (it stopped reading) is aborted rather than holding the close
+        open: it reconnects with Last-Event-ID, and clients drop an unfinished event."""
+        if self.transport is None:
+            return
+        self.transport.close()
+        if self.paused:
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -176,7 +201,7 @@ class StreamProtocol(asyncio.Protocol):
         assert self.transport is not None
         raw_path, query = target
         scope = {
-            "type": "http", "asgi": {"version": self.config.asgi_version, "spec_version": "2.4"},
+            "type": "http", "asgi": {"version": self.config.asgi_version, "spec_version": "2.3"},
             "http_version": "1.1", "server": get_local_addr(self.transport),
             "client": get_remote_addr(self.transport),
             "scheme": "https" if is_ssl(self.transport) else "http", "method": "GET",
@@ -184,6 +209,7 @@ class StreamProtocol(asyncio.Protocol):
             "raw_path": raw_path, "query_string": query, "headers": headers,
             "state": self.app_state.copy(), "extensions": {DETACH: self.detach},
         }
+        self.scope = scope
         task = asyncio.get_running_loop().create_task(self._run(scope))
         self.server_state.tasks.add(task)
         task.add_done_callback(self.server_state.tasks.discard)
@@ -199,8 +225,9 @@ class StreamProtocol(asyncio.Protocol):
                 self._write_head(500, [(b"content-type", b"text/plain; charset=utf-8")])
                 transport.write(b"Internal Server Error")
         finally:
-            if self.sub is None and self.transport is not None:
-                self.transport.close()  # not handed to the hub: the response ends
+            self.scope = None
+            if self.sub is None:  # the response ends (unless the hub has the stream)
+                self._close()
 
     async def _receive(self) -> dict[str, Any]:
         if self.gone is None:
@@ -221,7 +248,7 @@ class StreamProtocol(asyncio.Protocol):
             if body:
                 transport.write(body)
             if not message.get("more_body", False):
-                transport.close()
+                self._close()
                 return
         if self.paused:
             if self.drained is None:
@@ -240,12 +267,12 @@ class StreamProtocol(asyncio.Protocol):
         lines.append(b"connection: close\r\n\r\n")
         self.transport.write(b"".join(lines))
         self.responded = True
-        if access_log.hasHandlers():
-            client = get_remote_addr(self.transport)
-            where = f"{client[0]}:{client[1]}" if client else "-"
-            access_log.info('%s - "%s %s HTTP/%s" %d', where, "GET",
-                            self.target.decode("latin-1"), "1.1", status)
-        self.target = b""
+        if access_log.hasHandlers() and self.scope is not None:  # as uvicorn's, which
+            # names the client after the proxy-headers middleware has rewritten it
+            scope: Any = self.scope  # (uvicorn types it as its own TypedDict)
+            access_log.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope), "GET",
+                            get_path_with_query_string(scope), "1.1", status)
+        self.scope = None
 
     # --- detached: the hub writes ------------------------------------------------------
 
@@ -268,6 +295,8 @@ class StreamProtocol(asyncio.Protocol):
             self.deliver(event)
         if sub.cut_off:
             self.cut()
+        elif self.stopping:  # uvicorn's shutdown came during the replay
+            sub.cut()
         return True
 
     def deliver(self, event: Event) -> None:
@@ -282,25 +311,23 @@ class StreamProtocol(asyncio.Protocol):
                 return
         transport.write(event.frame)
         if self.task_stream and event.terminal:
-            transport.close()
+            self._close()
 
     def cut(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if self.paused:
-            transport.abort()
-        else:
-            transport.write(CUT)
-            transport.close()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(CUT)
+        self._close()
 
     def ping(self) -> None:
         if self.transport is not None and not self.paused and not self.transport.is_closing():
             self.transport.write(PING)
 
-    def _fell_behind(self) -> None:
-        if self.hub is not None:
+    def _stalled(self) -> None:
+        if self.hub is not None:  # (a client cut off in `deliver` is counted by the hub)
             self.hub.dropped += 1
+        self._fell_behind()
+
+    def _fell_behind(self) -> None:
         if self.sub is not None:
             self.sub.cut_off = True
         if self.transport is not None:

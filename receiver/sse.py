@@ -156,7 +156,8 @@ class EventStream:
                 if not gone.done():  # fell behind, or shutting down: say so, end the response
                     await self._send(send, CUT)
             except TimeoutError:  # a send waited SSE_SEND_TIMEOUT: the client stopped reading
-                self.svc.hub.dropped += 1
+                if not sub.cut_off:  # (else the hub counted it already)
+                    self.svc.hub.dropped += 1
             finally:
                 gone.cancel()
                 if not detached:

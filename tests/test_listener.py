@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -184,3 +185,42 @@ def test_an_app_that_raises_gets_a_500_and_the_connection_closed() -> None:
         assert b"connection: close" in head and body == b"Internal Server Error"
     finally:
         server.stop()
+
+
+def test_a_client_that_stops_reading_during_the_replay_is_let_go(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    server = LiveServer(base_settings(redis_server.url, sse_send_timeout=1.0)).start()
+    try:
+        hub = server.server.config.app.state.services.hub
+        with server.client("key-acme") as acme:
+            _, url = mint(acme)
+            big = "x" * 100_000  # 40 events of 100 KB: more than the socket buffers hold
+            for pct in range(1, 41):
+                assert acme.post(url, content=orjson.dumps(
+                    {"id": "p1", "status": "IN_PROGRESS", "progress": f"{pct}%",
+                     "prompt": big})).status_code == 200
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", server.port))
+        stuck.sendall(b"GET /events HTTP/1.1\r\nLast-Event-ID: 0-1\r\n" + HEAD)  # all of it
+        wait_for(lambda: hub.dropped == 1, "the stalled replay was never given up", 10)
+        wait_for(lambda: hub.client_count() == 0 and not server.server.server_state.connections
+                 and not server.server.server_state.tasks, "the stalled client left something")
+        stuck.close()
+    finally:
+        started = time.monotonic()
+        server.stop()
+    assert time.monotonic() - started < 2  # nothing left for the graceful timeout
+
+
+def test_the_access_log_names_the_client_the_proxy_names(
+    streams: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+        raw = Raw(streams, b"GET /events?token=abc HTTP/1.1\r\nX-Forwarded-For: 203.0.113.7\r\n"
+                  b"Host: x\r\n\r\n")
+        raw.read_to_end()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert line.startswith('203.0.113.7:0 - "GET /events?token=')
+    assert line.endswith('HTTP/1.1" 401')

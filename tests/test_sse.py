@@ -235,6 +235,7 @@ def test_slow_client_is_cut_off_while_a_fast_one_keeps_receiving(
             assert time.monotonic() < deadline, "the slow client was never cut off"
             time.sleep(0.05)
         slow.close()
+        assert hub.dropped == 1  # counted once
 
 
 def test_connect_disconnect_cycles_leave_nothing_behind(
