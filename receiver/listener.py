@@ -58,7 +58,7 @@ class StreamProtocol(asyncio.Protocol):
     __slots__ = ("app_state", "backlog", "buffer", "config", "drained", "gone", "hub",
                  "lost", "paused", "requested", "responded", "scope", "send_timeout", "sent",
                  "server_state", "stopping", "sub", "task_stream", "timer", "transport")
-    head_timeout = 10.0  # seconds for a new connection to send its request line and headers
+    head_timeout = 10.0  # seconds for a request line and headers that came in part
 
     def __init__(self, config: Config, server_state: ServerState,
                  app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None
@@ -94,7 +94,6 @@ class StreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.server_state.connections.add(self)  # type: ignore[arg-type]
-        self.timer = asyncio.get_running_loop().call_later(self.head_timeout, transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -111,10 +110,12 @@ class StreamProtocol(asyncio.Protocol):
         if self.requested or self.transport is None:
             return  # the request is read; what follows is ignored (the connection closes)
         self.buffer += data
+        if not self.buffer.startswith(b"GET /"[:len(self.buffer)]):
+            self._hand_over()  # a callback (POST), at the cost of one comparison
+            return
         line_end = self.buffer.find(b"\n")
         if line_end < 0:
-            if len(self.buffer) > _MAX_HEAD:
-                self._hand_over()
+            self._wait_for_more()
             return
         line_end -= 1  # at the CR (a bare LF is refused: by uvicorn, after a hand-over)
         target = _stream_target(self.buffer[:line_end]) if line_end > 0 and \
@@ -124,8 +125,7 @@ class StreamProtocol(asyncio.Protocol):
             return
         head_end = self.buffer.find(b"\r\n\r\n")
         if head_end < 0:
-            if len(self.buffer) > _MAX_HEAD:
-                self._hand_over()
+            self._wait_for_more()
             return
         headers = _parse_head(self.buffer[:head_end + 4])
         if headers is None:
@@ -136,6 +136,15 @@ class StreamProtocol(asyncio.Protocol):
         self.requested = True
         self.server_state.total_requests += 1
         self._start(target, headers)
+
+    def _wait_for_more(self) -> None:
+        """A head in pieces: past _MAX_HEAD it is uvicorn's to refuse; one that stalls is
+        closed after ``head_timeout``."""
+        if len(self.buffer) > _MAX_HEAD:
+            self._hand_over()
+        elif self.timer is None and self.transport is not None:
+            self.timer = asyncio.get_running_loop().call_later(self.head_timeout,
+                                                               self.transport.close)
 
     def _hand_over(self) -> None:
         """The connection becomes an ordinary uvicorn connection, from its first byte."""
