@@ -8,7 +8,7 @@ handed to uvicorn's own protocol, bytes and all, as uvicorn itself hands a conne
 WebSocket protocol. An event stream runs the app as usual (authentication, errors, the
 replay of history all stay in `sse`), and once the replay has caught up with the live
 events, `sse.EventStream` hands its subscription to this connection through the
-``receiver.detach`` scope extension and returns. From then on the hub's callback writes each
+``receiver.detach`` scope extension and returns. From then on the hub's reader writes each
 event's frame straight to the transport: an idle client is this object, its subscription
 and uvloop's transport, and no task or coroutine at all.
 
@@ -241,7 +241,7 @@ class StreamProtocol(asyncio.Protocol):
     async def _receive(self) -> dict[str, Any]:
         if self.gone is None:
             self.gone = asyncio.get_running_loop().create_future()
-            return _REQUEST
+            return dict(_REQUEST)  # a message of its own: the app may keep or change it
         if self.transport is not None and not self.transport.is_closing():
             await asyncio.shield(self.gone)
         return _DISCONNECT
