@@ -10,10 +10,12 @@ dispatcher (`receiver.dispatcher`) sends it when the account has a free slot.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -21,7 +23,7 @@ from receiver.admission import Member
 from receiver.api import JSONResponse, json_object, task_or_404
 from receiver.auth import authenticate
 from receiver.errors import BadRequest, Conflict
-from receiver.models import TaskStatus, new_job_id
+from receiver.models import TaskStatus, Update, new_job_id
 from receiver.pricing import usage_report
 from receiver.providers import (
     ACTIONS,
@@ -139,7 +141,15 @@ async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes
         claims, control=control, action=action, mode=mode, prompt=prompt,
         parent_id=parent_id, cost=cost)
     assert outcome.data is not None  # a fresh job id cannot exist already
-    await svc.admission.enqueue(account.name, Member(tenant, claims.job_id))
+    try:
+        await svc.admission.enqueue(account.name, Member(tenant, claims.job_id))
+    except RedisError:
+        # Answered 503 (the client submits again, as a new task): this record must not
+        # wait at NOT_START forever, so it ends now if Redis lets it.
+        with contextlib.suppress(RedisError):
+            await svc.store.apply(claims, Update(
+                TaskStatus.FAILURE, fail_reason="not queued (Redis failed); never sent"))
+        raise
     return outcome.data
 
 

@@ -108,6 +108,19 @@ def test_modes_are_inherited_and_a_mismatch_is_409(stack: Stack) -> None:
     assert sim_stats(simulator)["by_mode"]["mjproxy"] == {"RELAX": 1}
 
 
+def test_a_task_that_could_not_be_queued_does_not_wait_forever(
+    stack: Stack, r: redis.Redis
+) -> None:
+    receiver, simulator = stack()
+    r.set(KEYS.queue("mjproxy"), "not a sorted set")  # ZADD fails there: a real Redis error
+    with receiver.client("key-acme") as acme:
+        response = acme.post("/tasks", json={"provider": "mjproxy", "prompt": "a fox"})
+        assert response.status_code == 503 and set(response.json()) == {"error", "detail"}
+        [task] = acme.get("/tasks").json()["tasks"]
+    assert task["status"] == "FAILURE" and "not queued" in task["fail_reason"]
+    assert sim_stats(simulator)["submitted"] == 0
+
+
 def test_bad_submissions_are_clear_4xx_and_store_nothing(stack: Stack, r: redis.Redis) -> None:
     receiver, _ = stack()
     with receiver.client("key-acme") as acme:
