@@ -1,7 +1,8 @@
 """Admission: never more unfinished tasks at a provider account than its limit.
 
 Two sorted sets per account, under the account's hash tag: the queue (tasks waiting, NOT_START,
-scored by creation so the oldest goes first) and the slots (tasks sent, scored by when). Taking
+scored by creation so the oldest goes first) and the slots (tasks sent, scored by when, or by
+when a poll last found the task still queued at the provider). Taking
 a slot and popping the oldest task is one script, so any number of dispatchers can run: a task
 is popped once, and the slots never outnumber the limit.
 
@@ -85,7 +86,7 @@ class Admission:
         await self.redis.zrem(self.keys.slots(account), str(member))
 
     async def holders(self, account: str) -> list[tuple[Member, int]]:
-        """Tasks holding a slot, with when they were sent (ms)."""
+        """Tasks holding a slot, with when they were sent or last found queued (ms)."""
         pairs = await self.redis.zrange(self.keys.slots(account), 0, -1, withscores=True)
         return [(Member.parse(m), int(score)) for m, score in pairs]
 

@@ -4,7 +4,8 @@ It watches the tasks holding an account's slots (everything sent and not yet fin
 with no stored update for ``reconcile_after`` seconds is polled at the provider, and what the
 provider says goes through the same transition as a callback (so a poll and a late callback
 never store one state twice). A task with no update for ``task_timeout`` (the providers' 15
-minutes; progress restarts it) fails as an inferred FAILURE, which frees its slot. An inferred
+minutes; progress restarts it, and so does a poll that finds it still in the provider's
+queue) fails as an inferred FAILURE, which frees its slot. An inferred
 FAILURE is not final: such tasks are polled for ``inferred_grace`` more, and a provider final
 found then replaces it.
 
@@ -37,6 +38,7 @@ log = logging.getLogger("receiver.reconciler")
 VERIFY_TIMEOUT = 5.0
 POLL_TIMEOUT = 10.0
 POLL_BATCH = 20
+_QUEUED = frozenset({TaskStatus.NOT_START, TaskStatus.SUBMITTED})  # as the provider reports
 
 
 class Reconciler:
@@ -120,6 +122,11 @@ class Reconciler:
         outcome = await self.svc.store.apply(claims, update)
         self.metrics.polls.labels(account.provider,
                                   "stored" if outcome.stored else "unchanged").inc()
+        if update.status in _QUEUED:
+            # Still in the provider's queue (a RELAX queue can take longer than the
+            # timeout): waiting there is not a stall, so its timeout starts again.
+            await self.svc.redis.zadd(self.svc.store.keys.slots(account.name),
+                                      {str(member): now_ms()}, xx=True, gt=True)
         if outcome.stored:
             log.info("task %s: %s learned by polling", member, update.status.value)
 

@@ -46,7 +46,7 @@ DESCRIBE_TEXT = "\n\n".join(
 FAIL_REASON = "[Simulated failure] Midjourney could not finish this job"
 
 
-_SECONDS = ("delay_callbacks", "submit_delay")
+_SECONDS = ("delay_callbacks", "submit_delay", "queue_wait")
 
 
 def _check_fault(name: str, value: Any, kind: type) -> Any:
@@ -84,6 +84,7 @@ class Faults:
     slow: float = 1.0  # multiplier on the step interval
     empty_polls: bool = False  # polls answered 200 with no body (a forgotten task)
     submit_delay: float = 0.0  # seconds between queueing a submission and answering it
+    queue_wait: float = 0.0  # seconds a task waits SUBMITTED (in the provider's queue)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -436,6 +437,8 @@ class Simulator:
         fail_at = min(2, len(steps)) if task.fails else None
         try:
             self._emit(task)  # SUBMITTED, progress 0%
+            if self.faults.queue_wait > 0:
+                await asyncio.sleep(self.faults.queue_wait)
             for n, percent in enumerate(steps):
                 await self._pause(task, hold=n > 0)
                 if n == fail_at:

@@ -456,7 +456,8 @@ def test_faults_are_validated_listed_and_reset(sim: httpx.Client) -> None:
         "drop_callbacks": 0.0, "duplicate_callbacks": 0.0, "reorder_callbacks": False,
         "delay_callbacks": 0.0, "strip_callback_url": False, "submit_error_rate": 0.0,
         "queue_full": False, "fail_tasks": 0.0, "never_finish": False, "slow": 1.0,
-        "empty_polls": False, "submit_delay": 0.0}
+        "empty_polls": False, "submit_delay": 0.0,
+        "queue_wait": 0.0}
 
 
 def test_aigc2d_ids_past_2_53_stay_exact(sim: httpx.Client, recorder: Recorder) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import orjson
 import pytest
 import redis
 
@@ -199,6 +200,19 @@ def test_dropped_callbacks_are_finished_by_polling(stack: Stack) -> None:
         task = wait_final(acme, submit(acme, provider="aigc2d", prompt="a quiet fox")["id"])
     assert task["status"] == "SUCCESS" and task["image_url"]
     assert sim_stats(simulator)["callbacks_sent"] == 0
+
+
+def test_waiting_in_the_providers_queue_is_not_a_stall(stack: Stack, r: redis.Redis) -> None:
+    receiver, simulator = stack(task_timeout=1.0)
+    faults(simulator, queue_wait=3.0, strip_callback_url=True)  # only polls tell us
+    with receiver.client("key-acme") as acme:
+        job = submit(acme, provider="mjproxy", prompt="a fox in a RELAX queue")["id"]
+        task = wait_final(acme, job)
+    assert task["status"] == "SUCCESS"
+    # 3 s queued against a 1 s timeout, and never failed meanwhile: each poll that found
+    # the task queued there restarted the timeout.
+    statuses = [orjson.loads(fields[b"data"])["status"] for fields in history(r, "acme", job)]
+    assert "FAILURE" not in statuses and statuses[-1] == "SUCCESS", statuses
 
 
 def test_a_send_in_flight_at_shutdown_gets_its_answer(stack: Stack) -> None:
