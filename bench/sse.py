@@ -39,420 +39,56 @@ import contextlib
 import gc
 import math
 import os
-import resource
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib.metadata import version
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import orjson
 import redis
 import uvloop
 
-from bench.ingest import (
-    CALLBACKS_PER_JOB,
-    HOST,
-    OURS_APP,
-    PROGRESS_STEPS,
-    ROOT,
-    UVICORN_FLAGS,
-    callbacks,
-    child_server,
-    machine,
-    mint,
-    uvicorn_command,
-    write_markdown,
+from bench.ingest import CALLBACKS_PER_JOB, PROGRESS_STEPS, ROOT, callbacks, mint, write_markdown
+from bench.sse_clients import (
+    APPS,
+    NOFILE,
+    PRODUCERS,
+    SIDES,
+    Answer,
+    Poster,
+    Server,
+    SseClient,
+    channel_subscribers,
+    connect,
+    cpu_seconds,
+    disconnect,
+    event_key,
+    machine_cpu,
+    raise_nofile,
+    redis_figures,
+    uvicorn_child,
 )
-from receiver.constants import DEFAULT_PREFIX, Keys
-from receiver.redis_server import RedisServer, free_port
-from receiver.settings import DEFAULT_TENANT
-
-NAIVE_APP = "bench.naive_sse:create_app"
-APPS = {"ours": OURS_APP, "asgi": OURS_APP, "naive": NAIVE_APP}
-# The HTTP protocol of each side: `receiver serve`'s, or uvicorn's own (httptools).
-PROTOCOL = {"ours": "receiver.listener:StreamProtocol"}
-SIDES = ("ours", "asgi", "naive")
-# The sides that take the callbacks themselves (the receiver's app); naive's come from ours.
-PRODUCERS = frozenset({"ours", "asgi"})
-LABEL = {"ours": "receiver (`receiver serve`)", "asgi": "receiver, uvicorn's protocol",
-         "naive": "naive (pub/sub per client)"}
-CHANNEL = Keys(DEFAULT_PREFIX).channel(DEFAULT_TENANT)
-NOFILE = 65_536  # wanted for this process and (inherited) the servers and Redis
-EVENT_END = b"\r\n\r\n"  # sse-starlette's default line separator is CRLF
-GOAL_P99_MS = 10.0
-GOAL_CONNECTIONS = 10_000
-GOAL_KB_PER_CONNECTION = 10.0
-GOAL_FANOUT_MS = 100.0
-SECTION = "## bench/sse"
-
-
-# --- processes -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Server:
-    """A uvicorn child serving one app; its memory and descriptors read from /proc."""
-
-    name: str
-    port: int
-    pid: int
-
-    @property
-    def base(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def rss_kib(self) -> int:
-        return proc_rss_kib(self.pid)
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def nofile(self) -> str:
-        for line in Path(f"/proc/{self.pid}/limits").read_text().splitlines():
-            if line.startswith("Max open files"):
-                return line.split()[3]
-        return "?"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat."""
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks[:8]
-    hz = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / hz, steal / hz
-
-
-def proc_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-@contextlib.contextmanager
-def uvicorn_child(name: str, app: str, env: dict[str, str], log_path: Path) -> Iterator[Server]:
-    """``python -m uvicorn <app>`` with the shared flags (`bench.server` for another HTTP
-    protocol); stopped (then killed) on exit."""
-    port = free_port()
-    command = uvicorn_command(app, port)
-    if name in PROTOCOL:
-        command = [sys.executable, "-m", "bench.server", app, "--port", str(port),
-                   "--http", PROTOCOL[name]]
-    with child_server(command, port, env, log_path) as proc:
-        yield Server(name, port, proc.pid)
-
-
-def raise_nofile(wanted: int) -> int:
-    """Raise this process's descriptor limit (children inherit it); the limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        return soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
-    except (ValueError, OSError):  # not allowed past the hard limit: go as far as it
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-# --- clients -------------------------------------------------------------------------------
-
-
-class SseClient(asyncio.Protocol):
-    """One SSE subscriber on a raw socket: sends the GET, reads the headers, de-chunks the body
-    and splits it into events, each stamped with the time the read that completed it began.
-    Only events with a ``data:`` line count (pings and the receiver's hello are comments)."""
-
-    def __init__(self, path: str, keep: bool = True,
-                 on_data: Callable[[], None] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        self.request = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n\r\n"
-        self.keep = keep
-        self.on_data = on_data
-        self.status = 0
-        self.headers: asyncio.Future[int] = loop.create_future()  # the status; 0: closed
-        self.first: asyncio.Future[bool] = loop.create_future()  # any event; False: closed
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.events: list[tuple[float, bytes]] = []  # (read at, event), if keep
-        self.data_events = 0
-        self.transport: asyncio.Transport | None = None
-        self._raw = bytearray()
-        self._body = bytearray()
-        self._chunked = False
-        self._chunk_left = -1  # bytes of the current chunk still to come, -1 = a size line
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport.write(self.request.encode())
-
-    def data_received(self, data: bytes) -> None:
-        now = time.perf_counter()
-        raw = self._raw
-        raw += data
-        if not self.headers.done():
-            end = raw.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(raw[:end]).lower()
-            del raw[:end + 4]
-            self.status = int(head.split(b" ", 2)[1])
-            self._chunked = b"transfer-encoding: chunked" in head
-            self.headers.set_result(self.status)
-        if self._chunked:
-            self._dechunk()
-        else:
-            self._body += raw
-            raw.clear()
-        body = self._body
-        while (end := body.find(EVENT_END)) >= 0:
-            event = bytes(body[:end])
-            del body[:end + 4]
-            if not self.first.done():
-                self.first.set_result(True)
-            if b"data:" in event:
-                self.data_events += 1
-                if self.keep:
-                    self.events.append((now, event))
-                if self.on_data is not None:
-                    self.on_data()
-
-    def _dechunk(self) -> None:
-        raw = self._raw
-        while raw:
-            if self._chunk_left < 0:
-                end = raw.find(b"\r\n")
-                if end < 0:
-                    return
-                self._chunk_left = int(bytes(raw[:end]).split(b";")[0], 16)
-                del raw[:end + 2]
-                if self._chunk_left == 0:  # the last chunk: the stream ended
-                    raw.clear()
-                    return
-            if len(raw) < self._chunk_left + 2:
-                return
-            self._body += raw[:self._chunk_left]
-            del raw[:self._chunk_left + 2]
-            self._chunk_left = -1
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.headers.done():
-            self.headers.set_result(0)
-        if not self.first.done():
-            self.first.set_result(False)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-def event_key(event: bytes) -> tuple[str, int]:
-    """(job id, progress) of an event, from its ``data:`` line (the task snapshot)."""
-    for line in event.split(b"\r\n"):
-        if line.startswith(b"data:"):
-            doc = orjson.loads(line[5:])
-            return doc["id"], doc["progress"]
-    raise ValueError(f"no data line in {event[:200]!r}")
-
-
-async def connect(server: Server, path: str, count: int, *, keep: bool = True,
-                  ready: str = "first", concurrency: int = 200,
-                  on_data: Callable[[], None] | None = None, answer_within: float = 30.0,
-                  timeout: float = 120.0) -> tuple[list[SseClient], int]:
-    """``count`` SSE clients, ``concurrency`` connecting at a time; each is ready at its
-    headers (``ready="headers"``) or at its first event (``"first"``). (the clients that got
-    ready, how many did not; those are closed)."""
-    loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(concurrency)
-    clients: list[SseClient] = []
-    failures = 0
-
-    async def one() -> None:
-        nonlocal failures
-        async with gate:
-            client: SseClient | None = None
-            try:
-                _, client = await loop.create_connection(
-                    lambda: SseClient(path, keep, on_data), HOST, server.port)
-                status = await asyncio.wait_for(client.headers, answer_within)
-                if status != 200:
-                    raise ConnectionError(f"status {status}")
-                if ready == "first" and not await asyncio.wait_for(client.first,
-                                                                   answer_within):
-                    raise ConnectionError("closed before its first event")
-                clients.append(client)
-            except (OSError, TimeoutError):
-                failures += 1
-                if client is not None:
-                    client.close()
-
-    async with asyncio.timeout(timeout):
-        await asyncio.gather(*(one() for _ in range(count)))
-    return clients, failures
-
-
-async def disconnect(clients: Sequence[SseClient]) -> None:
-    for client in clients:
-        client.close()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.gather(*(c.closed for c in clients)), 30)
-
-
-@dataclass
-class Answer:
-    sent_at: float
-    answered_at: float
-    status: int
-    result: str
-
-
-class Poster:
-    """Keep-alive HTTP/1.1 POSTs on raw asyncio streams, one request per connection at a
-    time, connections used in turn (uvicorn closes one idle for 5 s); a request that finds
-    every connection busy opens another, so the load stays open-loop."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = deque()
-        self.opened = 0
-
-    async def open(self, count: int) -> None:
-        for _ in range(count):
-            self.idle.append(await asyncio.open_connection(HOST, self.port))
-            self.opened += 1
-
-    async def post(self, target: str, body: bytes) -> Answer:
-        while self.idle and self.idle[0][0].at_eof():  # closed by the server meanwhile
-            self.idle.popleft()[1].close()
-        if self.idle:
-            reader, writer = self.idle.popleft()
-        else:
-            reader, writer = await asyncio.open_connection(HOST, self.port)
-            self.opened += 1
-        request = (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n%s") % (target.encode(), HOST.encode(),
-                                                       len(body), body)
-        sent_at = time.perf_counter()
-        writer.write(request)
-        head = (await reader.readuntil(b"\r\n\r\n")).lower()
-        length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-        answer = await reader.readexactly(length)
-        answered_at = time.perf_counter()
-        self.idle.append((reader, writer))
-        status = int(head.split(b" ", 2)[1])
-        result = orjson.loads(answer).get("result", "?") if status == 200 else "error"
-        return Answer(sent_at, answered_at, status, result)
-
-    async def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
-
-
-# --- measures ------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile; nan for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-@dataclass
-class Latency:
-    """(a) for one side."""
-
-    subscribers: int
-    shots: int  # callbacks in the measured window (after the warm-up)
-    stored: int  # of them answered "stored" (each one event)
-    received: int  # (event, subscriber) pairs read
-    samples_ms: list[float]
-    post_ms: list[float]  # POST answer times, for context
-    late: int  # sends more than 2 ms behind their slot
-    errors: int  # non-200 answers
-    connections: int  # POST connections the generator needed
-    cpu: dict[str, float]  # share of one core per process over the run (warm-up included)
-    others: float  # share of one core used by every other process on the machine
-    steal: float  # share of one core the hypervisor took away
-    timeline: list[tuple[float, float]]  # (seconds since the first measured send, latency ms)
-
-    @property
-    def expected(self) -> int:
-        return self.stored * self.subscribers
-
-    def over(self, limit_ms: float) -> int:
-        return sum(1 for value in self.samples_ms if value > limit_ms)
-
-
-def merge(runs: Sequence[Latency]) -> Latency:
-    """Several runs of one side as one: samples pooled, CPU shares averaged."""
-    return Latency(
-        subscribers=runs[0].subscribers, shots=sum(r.shots for r in runs),
-        stored=sum(r.stored for r in runs), received=sum(r.received for r in runs),
-        samples_ms=[v for r in runs for v in r.samples_ms],
-        post_ms=[v for r in runs for v in r.post_ms], late=sum(r.late for r in runs),
-        errors=sum(r.errors for r in runs), connections=max(r.connections for r in runs),
-        cpu={k: sum(r.cpu[k] for r in runs) / len(runs) for k in runs[0].cpu},
-        others=sum(r.others for r in runs) / len(runs),
-        steal=sum(r.steal for r in runs) / len(runs),
-        timeline=[t for r in runs for t in r.timeline],
-    )
-
-
-@dataclass
-class Holding:
-    """(b) for one side."""
-
-    wanted: int
-    opened: int  # connections that got their headers (and, ours, the first event)
-    held: int  # still open and subscribed when memory was read
-    failures: int
-    open_seconds: float
-    rss_before_kib: int
-    rss_after_kib: int
-    fds_before: int
-    fds_after: int
-    redis_before: dict[str, int]
-    redis_after: dict[str, int]
-    probe: str = ""  # what happened to connections beyond the limit, if one was hit
-    closed: str = ""  # the server's descriptors and Redis's clients once they were closed
-
-    @property
-    def kib_per_connection(self) -> float:
-        return (self.rss_after_kib - self.rss_before_kib) / self.held if self.held else math.nan
-
-    def redis_kib_per_connection(self, key: str) -> float:
-        delta = self.redis_after[key] - self.redis_before[key]
-        return delta / 1024 / self.held if self.held else math.nan
-
-
-@dataclass
-class FanOut:
-    """(c) for one side."""
-
-    subscribers: int
-    events: int
-    last_ms: list[float] = field(default_factory=list)  # per event: the last subscriber
-    median_ms: list[float] = field(default_factory=list)
-    first_ms: list[float] = field(default_factory=list)
-    missing: int = 0  # (event, subscriber) pairs never read
-    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per event, by process
+from bench.sse_report import (
+    GOAL_CONNECTIONS,
+    GOAL_P99_MS,
+    SECTION,
+    FanOut,
+    Holding,
+    Latency,
+    Results,
+    merge,
+    ms,
+    percentile,
+    report,
+    slow_seconds,
+)
+from receiver.constants import DEFAULT_PREFIX
+from receiver.redis_server import RedisServer
+
+# --- phases --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -476,18 +112,6 @@ def shots(jobs: Sequence[tuple[str, str]], first_id: int, window: int) -> list[S
                        for job, path, bodies in group)
     return out
 
-
-def redis_figures(client: redis.Redis) -> dict[str, int]:
-    memory = cast(dict[str, Any], client.info("memory"))
-    clients = cast(dict[str, Any], client.info("clients"))
-    return {"used_memory": int(memory["used_memory"]),
-            "used_memory_rss": int(memory["used_memory_rss"]),
-            "connected_clients": int(clients["connected_clients"])}
-
-
-def channel_subscribers(client: redis.Redis) -> int:
-    counts = cast(list[tuple[bytes, int]], client.pubsub_numsub(CHANNEL))
-    return int(counts[0][1])
 
 
 class Bench:
@@ -765,209 +389,6 @@ class Bench:
             await self.settle(server, fds)
         return result
 
-
-# --- report --------------------------------------------------------------------------------
-
-
-def ms(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.2f} ms"
-
-
-def kib(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.2f} KiB"
-
-
-def slow_seconds(lat: Latency, over_ms: float) -> str:
-    """Where the slow samples fall in time: ``second: count`` for each second that has any."""
-    counts: Counter[int] = Counter(int(at) for at, value in lat.timeline if value > over_ms)
-    return ", ".join(f"{second}s: {n:,}" for second, n in sorted(counts.items())) or "none"
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**NOT met**"
-
-
-@dataclass
-class Results:
-    latency_runs: dict[str, list[Latency]] = field(default_factory=dict)
-    latency: dict[str, Latency] = field(default_factory=dict)  # the runs merged
-    holding: dict[str, Holding] = field(default_factory=dict)
-    fan_out: dict[str, FanOut] = field(default_factory=dict)
-
-
-def table(res: Results, args: argparse.Namespace) -> list[str]:
-    sides = args.sides
-    rows = ["| measure | " + " | ".join(LABEL[s] for s in sides) + " |",
-            "| --- |" + " ---: |" * len(sides)]
-
-    def row(name: str, cell: Callable[[str], str]) -> None:
-        rows.append(f"| {name} | " + " | ".join(cell(s) for s in sides) + " |")
-
-    lat = res.latency
-    if lat:
-        row(f"(a) callback → subscriber p50 ({args.rate:,.0f}/s, {args.subscribers} subs)",
-            lambda s: ms(percentile(lat[s].samples_ms, 50)))
-        row("(a) p99", lambda s: ms(percentile(lat[s].samples_ms, 99)))
-        row("(a) p99.9", lambda s: ms(percentile(lat[s].samples_ms, 99.9)))
-        row("(a) max", lambda s: ms(max(lat[s].samples_ms, default=math.nan)))
-        row("(a) p99 of each run, in run order",
-            lambda s: " / ".join(ms(percentile(r.samples_ms, 99))
-                                 for r in res.latency_runs[s]))
-        row("(a) samples over 10 ms, each run",
-            lambda s: " / ".join(f"{r.over(GOAL_P99_MS):,}" for r in res.latency_runs[s]))
-        row("(a) CPU of other processes + hypervisor steal, each run",
-            lambda s: " / ".join(f"{r.others:.0%}+{r.steal:.0%}" for r in res.latency_runs[s]))
-        row("(a) events read / expected",
-            lambda s: f"{lat[s].received:,} / {lat[s].expected:,}")
-        row("(a) POST answer p50 / p99 (context)",
-            lambda s: f"{percentile(lat[s].post_ms, 50):.2f} / "
-                      f"{percentile(lat[s].post_ms, 99):.2f} ms")
-        row("(a) CPU, share of one core: SSE server / our ingest / Redis / client",
-            lambda s: " / ".join(f"{lat[s].cpu[p]:.0%}" for p in (s, "ours", "redis", "client"))
-            if s not in PRODUCERS else
-            f"{lat[s].cpu[s]:.0%} (both) / {lat[s].cpu['redis']:.0%} / "
-            f"{lat[s].cpu['client']:.0%}")
-        row("(a) sends more than 2 ms behind their slot (client stalls)",
-            lambda s: f"{lat[s].late:,} of {lat[s].shots:,}")
-        row("(a) POST errors", lambda s: f"{lat[s].errors:,}")
-    hold = res.holding
-    if hold:
-        row("(b) idle connections held (wanted)",
-            lambda s: f"{hold[s].held:,} ({hold[s].wanted:,})")
-        row("(b) server RSS before → after",
-            lambda s: f"{hold[s].rss_before_kib / 1024:.1f} → "
-                      f"{hold[s].rss_after_kib / 1024:.1f} MiB")
-        row("(b) **server memory per connection**",
-            lambda s: f"**{kib(hold[s].kib_per_connection)}**")
-        row("(b) Redis used_memory per connection",
-            lambda s: kib(hold[s].redis_kib_per_connection("used_memory")))
-        row("(b) Redis RSS per connection",
-            lambda s: kib(hold[s].redis_kib_per_connection("used_memory_rss")))
-        row("(b) Redis connected_clients before → after",
-            lambda s: f"{hold[s].redis_before['connected_clients']:,} → "
-                      f"{hold[s].redis_after['connected_clients']:,}")
-        row("(b) server fds before → after",
-            lambda s: f"{hold[s].fds_before:,} → {hold[s].fds_after:,}")
-        row("(b) time to open them", lambda s: f"{hold[s].open_seconds:.1f} s")
-        row("(b) once closed (incl. the ~1 s settling wait)", lambda s: hold[s].closed)
-    fan = res.fan_out
-    if fan:
-        row(f"(c) fan-out to {args.fanout:,}: last subscriber p50",
-            lambda s: ms(percentile(fan[s].last_ms, 50)))
-        row("(c) last subscriber max", lambda s: ms(max(fan[s].last_ms, default=math.nan)))
-        row("(c) median subscriber p50", lambda s: ms(percentile(fan[s].median_ms, 50)))
-        row("(c) first subscriber p50", lambda s: ms(percentile(fan[s].first_ms, 50)))
-        row("(c) CPU per event: SSE server / our ingest / client",
-            lambda s: f"{fan[s].cpu_ms[s]:.1f} / {fan[s].cpu_ms['ours']:.1f} / "
-                      f"{fan[s].cpu_ms['client']:.1f} ms" if s not in PRODUCERS else
-                      f"{fan[s].cpu_ms[s]:.1f} (both) / {fan[s].cpu_ms['client']:.1f} ms")
-        row("(c) events / missed deliveries",
-            lambda s: f"{len(fan[s].last_ms)} / {fan[s].missing}")
-    return rows
-
-
-def code_version() -> str:
-    """The commit measured, and whether receiver/ had uncommitted changes."""
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True,
-                              check=False)
-        return done.stdout.strip()
-
-    dirty = git("status", "--porcelain", "--", "receiver")
-    return f"commit {git('rev-parse', '--short', 'HEAD') or '?'}" + (
-        " with uncommitted changes in receiver/" if dirty else "")
-
-
-def goals(res: Results) -> list[str]:
-    out = []
-    if "ours" in res.latency:
-        p99 = percentile(res.latency["ours"].samples_ms, 99)
-        each = [percentile(r.samples_ms, 99) for r in res.latency_runs["ours"]]
-        out.append(f"- (a) ours p99 < {GOAL_P99_MS:g} ms: {ms(p99)} over "
-                   f"{len(each)} runs, {verdict(p99 < GOAL_P99_MS)} (each run: "
-                   + ", ".join(f"{ms(v)} {'met' if v < GOAL_P99_MS else 'not met'}"
-                               for v in each) + ")")
-    if "ours" in res.holding:
-        h = res.holding["ours"]
-        per = h.kib_per_connection
-        out.append(f"- (b) ours holds {GOAL_CONNECTIONS:,} connections: {h.held:,}, "
-                   f"{verdict(h.held >= GOAL_CONNECTIONS)}; under "
-                   f"{GOAL_KB_PER_CONNECTION:g} KB each: {per * 1.024:.2f} KB "
-                   f"({kib(per)}), {verdict(per * 1.024 < GOAL_KB_PER_CONNECTION)}")
-    if "ours" in res.fan_out:
-        last = res.fan_out["ours"].last_ms
-        worst = max(last, default=math.nan)
-        out.append(f"- (c) ours: the last of {res.fan_out['ours'].subscribers:,} subscribers "
-                   f"within {GOAL_FANOUT_MS:g} ms: the slowest of {len(last)} events "
-                   f"{ms(worst)}, {verdict(worst < GOAL_FANOUT_MS)}")
-    if "naive" in res.holding:
-        h = res.holding["naive"]
-        out.append(f"- (b) naive: {h.held:,} of {h.wanted:,} wanted"
-                   + (f" ({h.probe})" if h.probe else ""))
-    return out
-
-
-def report(res: Results, args: argparse.Namespace, argv: Sequence[str],
-           servers: dict[str, Server], limits: str, redis_version: str) -> str:
-    command = " ".join([".venv/bin/python -m bench.sse", *argv])
-    order = ", ".join(",".join(args.sides if n % 2 == 0 else args.sides[::-1])
-                      for n in range(args.rounds))
-    return "\n".join([
-        SECTION,
-        "",
-        "Live events over SSE, our service (one Redis subscription per process, "
-        "`receiver/events.py`; as `receiver serve` runs it, the hub writes each event to "
-        "every idle client's connection, `receiver/listener.py`; and the same app under "
-        "uvicorn's own protocol, a loop per client) against the pattern a user would write "
-        "instead (`bench/naive_sse.py`: sse-starlette, each client its own Redis pub/sub "
-        "subscription to `receiver:events:{default}`). Events are real callbacks POSTed to "
-        "our service, which publishes each on that channel, so every side delivers the same "
-        "events. `.venv/bin/python -m bench.sse` regenerates this section.",
-        "",
-        f"- command: `{command}`",
-        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; code: {code_version()}",
-        f"- machine: {machine()} (shared, noisy)",
-        f"- software: uvicorn {version('uvicorn')}, uvloop {version('uvloop')}, httptools "
-        f"{version('httptools')}, starlette {version('starlette')}, sse-starlette "
-        f"{version('sse-starlette')}, redis-py {version('redis')}, hiredis "
-        f"{version('hiredis')}, redis-server {redis_version}",
-        f"- servers: `python -m uvicorn <app> --factory --host {HOST} --port P "
-        f"{' '.join(UVICORN_FLAGS)}` (one worker), `<app>` = "
-        + " or ".join(f"`{a}`" for a in dict.fromkeys(APPS[s] for s in servers)) + "; "
-        + "".join(f"{LABEL[s]}: the same through `python -m bench.server` with `--http "
-                  f"{PROTOCOL[s]}`, as `receiver serve` runs it; " for s in servers
-                  if s in PROTOCOL)
-        + "env REDIS_URL = one throwaway redis-server (no persistence, default config, "
-        "maxclients 10000), RECEIVER_SECRET_KEYS random, no RECEIVER_API_KEYS (open mode, "
-        "SSE_MAX_PER_TENANT=0 (no cap on one tenant's streams), "
-        f"tenant `default`); open-files limit {limits}",
-        f"- (a): {args.subscribers} subscribers on `GET /events`; a paced open-loop "
-        f"generator POSTs {args.rate:,.0f} mjproxy callbacks/s to our service for "
-        f"{args.warmup:g}s warm-up + {args.duration:g}s measured (jobs minted by "
-        "`POST /callback-urls`, IN_PROGRESS 1..99% then SUCCESS, 256 jobs interleaved); "
-        "latency = the subscriber's read of the event (matched by job id and progress) minus "
-        "the moment just before its POST was written; one sample per event and subscriber; "
-        f"{args.rounds} runs per side in the order {order}, samples pooled",
-        f"- (b): {args.connections:,} wanted idle `GET /events` connections (raw sockets: "
-        "request, headers; on the hub's sides also the first comment, sent once the client "
-        "is registered; for naive, Redis PUBSUB NUMSUB counts them), then 3 s settling; "
-        "memory per connection = (VmRSS after - VmRSS before) / connections held",
-        f"- (c): {args.fanout:,} subscribers on `GET /events`, {args.events} callbacks one "
-        "at a time; per callback the time from its POST to the first, median and last "
-        "subscriber's read",
-        "- every client is in one Python process (uvloop, raw asyncio protocols, events "
-        "time-stamped on read and parsed afterwards), on the same two cores as the servers "
-        "and Redis",
-        "- the sides run one after the other; in ours ingest and fan-out share one process; "
-        "while naive is measured our service only ingests (its hub has no clients), so the "
-        "naive app has a core of its own",
-        "",
-        *table(res, args),
-        "",
-        "Goals:",
-        *goals(res),
-        "",
-    ])
 
 
 # --- main ----------------------------------------------------------------------------------

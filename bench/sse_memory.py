@@ -39,7 +39,16 @@ from typing import NamedTuple
 import uvloop
 
 from bench.ingest import HOST, ROOT, child_server
-from bench.sse import APPS, NOFILE, PROTOCOL, Server, SseClient, connect, disconnect, raise_nofile
+from bench.sse_clients import (
+    APPS,
+    NOFILE,
+    PROTOCOL,
+    Server,
+    SseClient,
+    connect,
+    disconnect,
+    raise_nofile,
+)
 from receiver.constants import DEFAULT_PREFIX
 from receiver.redis_server import RedisServer, free_port
 
