@@ -34,6 +34,16 @@ def fresh_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def embedded_redis_alive(serve_log: str) -> bool:
+    """Whether the redis-server that `receiver serve` logged it started still answers."""
+    url = next(w for w in serve_log.split() if w.startswith("redis://"))
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.ConnectionError:
+        return False
+    return True
+
+
 def test_serve_starts_its_own_redis_and_accepts_a_minted_callback(tmp_path: Path) -> None:
     env = fresh_env(tmp_path)
     log_path = tmp_path / "serve.log"
@@ -55,13 +65,7 @@ def test_serve_starts_its_own_redis_and_accepts_a_minted_callback(tmp_path: Path
     assert "token=[redacted]" in output
     assert "binding 127.0.0.1 instead of 0.0.0.0" in output  # no keys: loopback only
     assert (tmp_path / "data" / "secret_key").stat().st_mode & 0o077 == 0
-    redis_url = next(w for w in output.split() if w.startswith("redis://"))
-    try:  # the child Redis went with the service
-        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
-        alive = True
-    except redis.ConnectionError:
-        alive = False
-    assert not alive
+    assert not embedded_redis_alive(output)  # the child Redis went with the service
 
 
 def test_ctrl_c_stops_the_service_before_its_redis_and_simulator(tmp_path: Path) -> None:
@@ -86,13 +90,7 @@ def test_ctrl_c_stops_the_service_before_its_redis_and_simulator(tmp_path: Path)
     assert data.endswith(b": cut off: reconnect with Last-Event-ID\r\n")
     output = (tmp_path / "serve.log").read_text()
     assert "lost" not in output and "Error" not in output, output  # Redis outlived the app
-    redis_url = next(w for w in output.split() if w.startswith("redis://"))
-    try:  # and was stopped after it
-        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
-        alive = True
-    except redis.ConnectionError:
-        alive = False
-    assert not alive
+    assert not embedded_redis_alive(output)  # and was stopped after it
 
 
 def test_submit_watch_on_a_fresh_service_shows_a_task_reach_100(tmp_path: Path) -> None:
