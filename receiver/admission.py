@@ -81,6 +81,11 @@ class Admission:
             pipe.zadd(self.keys.queue(account), {str(member): member.created_ms})
             await pipe.execute()
 
+    async def withdraw(self, account: str, member: Member) -> bool:
+        """Take a task out of the queue before any dispatcher pops it; False when it is no
+        longer there (being sent, or sent)."""
+        return bool(await self.redis.zrem(self.keys.queue(account), str(member)))
+
     async def release(self, account: str, member: Member) -> None:
         """Free the slot of a task the provider refused (it never reached its queue)."""
         await self.redis.zrem(self.keys.slots(account), str(member))

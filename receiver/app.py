@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/tasks", submitter.create_task, methods=["POST"]),
             Route("/usage", submitter.get_usage, methods=["GET"]),
             Route("/tasks/{job_id}", api.get_task, methods=["GET"]),
+            Route("/tasks/{job_id}/cancel", submitter.cancel_task, methods=["POST"]),
             Route("/tasks/{job_id}/events", sse.task_events, methods=["GET"]),
             Route("/events", sse.tenant_events, methods=["GET"]),
             Route("/subscribe-tokens", api.create_subscribe_token, methods=["POST"]),

@@ -102,6 +102,10 @@ class Keys:
         """Sorted set: tasks we failed as timed out, still polled a while for a late final."""
         return f"{self.prefix}:inferred:{{acct:{account}}}"
 
+    def unknown(self, account: str) -> str:
+        """Sorted set: tasks the provider answered it does not know, since when (ms)."""
+        return f"{self.prefix}:unknown:{{acct:{account}}}"
+
     def poll_lock(self, account: str, member: str) -> str:
         """String with a TTL: one worker polls a task at a time."""
         return f"{self.prefix}:poll:{{acct:{account}}}:{member}"

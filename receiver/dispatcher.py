@@ -7,10 +7,11 @@ answers decides what happens to the slot:
 
 - accepted: the task is SUBMITTED (and charged) with the provider's id; the slot is held until
   the task's final transition;
-- refused for now (queue full, or the provider unreachable before anything was sent): back to
-  its place in the queue, and the account pauses, doubling up to 30 s;
-- refused for good (banned word, bad key, unknown parent...): the task FAILS with the reason,
-  and the slot is freed;
+- refused for now (queue full, busy, our key refused, or the provider unreachable before
+  anything was sent): back to its place in the queue, and the account pauses, doubling up to
+  30 s (a refused key is logged as an error: every task waits until it is fixed);
+- refused for good (banned word, unknown parent, a request it will not take...): the task
+  FAILS with the provider's words, and the slot is freed;
 - no answer after sending: the provider may have queued it, and sending again could queue it
   twice. The slot stays held; the task's callbacks, or the reconciler's timeout, settle it.
 """
@@ -28,7 +29,14 @@ from redis.exceptions import RedisError
 
 from receiver.admission import Member
 from receiver.models import TaskStatus, Update, now_iso, now_ms
-from receiver.providers import ProviderDown, ProviderError, QueueFull, SubmitRequest
+from receiver.providers import (
+    BadProviderKey,
+    ProviderDown,
+    ProviderError,
+    QueueFull,
+    SubmitRequest,
+    Transient,
+)
 from receiver.services import Services
 from receiver.settings import ProviderAccount
 from receiver.tokens import CallbackClaims
@@ -38,6 +46,10 @@ log = logging.getLogger("receiver.dispatcher")
 WAKE_EVERY = 1.0
 MAX_PAUSE = 30.0
 SEND_GRACE = 5.0  # seconds a stopping dispatcher waits for the answers to its sends
+# The submissions metric's outcome for each answer that puts a task back in its place.
+_RETRIED: dict[type[ProviderError], str] = {
+    QueueFull: "queue_full", Transient: "busy", BadProviderKey: "auth",
+    ProviderDown: "requeued"}
 
 
 class Dispatcher:
@@ -135,21 +147,8 @@ class Dispatcher:
                    f"?token={svc.signer.mint_callback(claims)}")
             try:
                 provider_task_id = await svc.clients[account.provider].submit(request, url)
-            except (QueueFull, ProviderDown) as exc:
-                if not exc.retry_safe:
-                    metrics.submissions.labels(account.provider, "unanswered").inc()
-                    log.warning("%s: %s; task %s may be queued there: not sent again",
-                                account.name, exc.detail, member)
-                    return
-                metrics.submissions.labels(account.provider, "requeued").inc()
-                self._back_off(account, exc)
-                await svc.admission.requeue(account.name, member)
-                return
             except ProviderError as exc:
-                metrics.submissions.labels(account.provider, "refused").inc()
-                await svc.store.apply(claims, Update(
-                    TaskStatus.FAILURE, fail_reason=f"{exc.code}: {exc.detail}"))
-                await svc.admission.release(account.name, member)
+                await self._not_submitted(account, member, claims, exc)
                 return
             metrics.submissions.labels(account.provider, "accepted").inc()
             self._delay[account.name] = 0.0
@@ -163,6 +162,30 @@ class Dispatcher:
         except Exception:
             # Whether it reached the provider is unknown: held, not sent again (as above).
             log.exception("dispatching %s failed", member)
+
+    async def _not_submitted(self, account: ProviderAccount, member: Member,
+                             claims: CallbackClaims, exc: ProviderError) -> None:
+        """What a provider's no means for the task and its slot."""
+        svc, metrics = self.svc, self.svc.metrics
+        if isinstance(exc, ProviderDown) and not exc.retry_safe:
+            metrics.submissions.labels(account.provider, "unanswered").inc()
+            log.warning("%s: %s; task %s may be queued there: not sent again",
+                        account.name, exc.detail, member)
+            return  # the slot stays held: callbacks or the reconciler settle the task
+        if exc.retry_safe:  # queue full, busy, unreachable, our key refused: nothing queued
+            metrics.submissions.labels(account.provider, _RETRIED.get(type(exc), "requeued")
+                                       ).inc()
+            if isinstance(exc, BadProviderKey):
+                log.error("%s: the provider refused our key (%s): the account pauses and its "
+                          "tasks wait; fix %s_API_KEY", account.name, exc.detail,
+                          account.provider.upper())
+            self._back_off(account, exc)
+            await svc.admission.requeue(account.name, member)
+            return
+        metrics.submissions.labels(account.provider, "refused").inc()
+        await svc.store.apply(claims, Update(
+            TaskStatus.FAILURE, fail_reason=f"{exc.code}: {exc.detail}"))
+        await svc.admission.release(account.name, member)
 
     def _back_off(self, account: ProviderAccount, exc: ProviderError) -> None:
         delay = self._delay[account.name] = min(MAX_PAUSE, self._delay[account.name] * 2 or 1)

@@ -17,7 +17,7 @@ from receiver.constants import JOB_ID_RE, TENANT_RE
 from receiver.dialects import DIALECTS
 from receiver.models import EventKind, TaskStatus
 from receiver.providers import ACTIONS
-from receiver.submitter import BUTTON_ACTIONS, DIMENSIONS, MAX_PROMPT, MODES
+from receiver.submitter import ALL_MODES, BUTTON_ACTIONS, DIMENSIONS, MAX_PROMPT
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -405,12 +405,15 @@ SCHEMA: dict[str, Any] = {
                               "description": "the image of the grid, for UPSCALE and "
                                              "VARIATION"},
                     "mode": {"type": "string",
-                             "enum": sorted({m for ms in MODES.values() for m in ms}),
+                             "enum": list(ALL_MODES),
                              "description": "mjproxy FAST, RELAX, TURBO; ohmygpt FAST "
                                             "(default), NORMAL; aigc2d none; an action "
                                             "inherits its parent's"},
                     "dimensions": {"type": "string", "enum": list(DIMENSIONS),
                                    "description": "for BLEND"},
+                    "mask": {"type": "string", "minLength": 1,
+                             "description": "Vary Region's dialog: the area to redraw, a "
+                                            "PNG data URL or image URL"},
                 },
             },
             "Usage": {
@@ -459,6 +462,9 @@ SCHEMA: dict[str, Any] = {
                             "name": {"type": "string", "enum": sorted(DIALECTS)},
                             "modes": {"type": "array", "items": _STR},
                             "default_mode": _NULLABLE_STR,
+                            "flavor": {"type": ["string", "null"],
+                                       "enum": ["trueai", "novicezk", None],
+                                       "description": "mjproxy's API generation"},
                             "queue_limit": {"type": "integer", "minimum": 1},
                         },
                     }},
@@ -573,6 +579,25 @@ SCHEMA: dict[str, Any] = {
                 "responses": {
                     "200": _ok("The task", "Task"),
                     "404": _error("task_not_found: no such task for this tenant"),
+                    **_TENANT_ERRORS,
+                },
+            }
+        },
+        "/tasks/{job_id}/cancel": {
+            "post": {
+                "summary": "Cancel a task: one still in our queue is CANCEL at once and never "
+                           "sent; a sent one is canceled at the provider where it can be",
+                "security": [{"bearer": []}],
+                "parameters": [{"name": "job_id", "in": "path", "required": True,
+                                "schema": _JOB_ID}],
+                "responses": {
+                    "200": _ok("The task after the cancel", "Task"),
+                    "404": _error("task_not_found: no such task for this tenant"),
+                    "409": _error("task_final: it has ended; cancel_in_flight: it is being "
+                                  "sent right now; cannot_cancel: the provider cannot cancel "
+                                  "a task it has been sent"),
+                    "502": _error("provider_error: the provider did not cancel it"),
+                    "503": _error("provider_down or store_unavailable: try again"),
                     **_TENANT_ERRORS,
                 },
             }

@@ -73,8 +73,8 @@ class Reconciler:
             if idle >= settings.task_timeout:
                 await self._infer_failure(account, member, idle)
             elif idle >= settings.reconcile_after and task["provider_task_id"]:
-                polls.append(self._poll(account, member, task["provider_task_id"]))
-        await asyncio.gather(*polls)  # at most the account's limit: one slow poll delays none
+                polls.append((member, task["provider_task_id"]))
+        await self._poll(account, polls)  # one request where the provider lists many
         await self._recheck_inferred(account, now)
 
     async def _recheck_inferred(self, account: ProviderAccount, now: int) -> None:
@@ -89,9 +89,9 @@ class Reconciler:
             if task is None or expired or task["_rank"] != RANK_INFERRED_FAILURE:
                 await svc.redis.zrem(key, str(member))
             elif task["provider_task_id"]:
-                polls.append(self._poll(account, member, task["provider_task_id"]))
+                polls.append((member, task["provider_task_id"]))
         for batch in range(0, len(polls), POLL_BATCH):
-            await asyncio.gather(*polls[batch:batch + POLL_BATCH])
+            await self._poll(account, polls[batch:batch + POLL_BATCH], recheck=True)
 
     async def _snapshots(self, held: list[tuple[Member, int]]) -> list[dict[str, Any] | None]:
         """Each task as a dict (with ``_rank``), or None when it is gone."""
@@ -106,18 +106,38 @@ class Reconciler:
             out.append(None if task is None else {**orjson.loads(task), "_rank": int(rank_)})
         return out
 
-    async def _poll(self, account: ProviderAccount, member: Member, ptid: str) -> None:
-        lock = self.svc.store.keys.poll_lock(account.name, str(member))
+    async def _poll(self, account: ProviderAccount, tasks: list[tuple[Member, str]],
+                    recheck: bool = False) -> None:
+        """Ask the provider about ``tasks`` (member, provider task id) at once, and store
+        what it says; each task is polled by one worker per interval (a lock)."""
+        svc, provider = self.svc, account.provider
         ttl = max(1, int(self.settings.reconcile_after * 1000))
-        if not await self.svc.redis.set(lock, b"1", nx=True, px=ttl):
-            return  # another worker polled it within the interval
+        locked = [(member, ptid) for member, ptid in tasks if await svc.redis.set(
+            svc.store.keys.poll_lock(account.name, str(member)), b"1", nx=True, px=ttl)]
+        if not locked:
+            return
         try:
             async with asyncio.timeout(POLL_TIMEOUT):
-                update = await self.svc.clients[account.provider].fetch(ptid)
-        except (ReceiverError, TimeoutError) as exc:  # down, unknown, or not a task
-            self.metrics.polls.labels(account.provider, "error").inc()
-            log.info("polling %s at %s: %r", member, account.name, exc)
+                answers = await svc.clients[provider].fetch_many(
+                    list(dict.fromkeys(ptid for _, ptid in locked)))
+        except (ReceiverError, TimeoutError) as exc:  # down, or not an answer
+            self.metrics.polls.labels(provider, "error").inc(len(locked))
+            log.info("polling %d tasks at %s: %r", len(locked), account.name, exc)
             return
+        for member, ptid in locked:
+            if ptid not in answers:
+                self.metrics.polls.labels(provider, "error").inc()
+                continue
+            update = answers[ptid]
+            if update is None:
+                self.metrics.polls.labels(provider, "unknown").inc()
+                if not recheck:
+                    await self._unknown(account, member, ptid)
+                continue
+            await svc.redis.zrem(svc.store.keys.unknown(account.name), str(member))
+            await self._store(account, member, update)
+
+    async def _store(self, account: ProviderAccount, member: Member, update: Update) -> None:
         claims = CallbackClaims(member.job_id, member.tenant, account.provider)
         outcome = await self.svc.store.apply(claims, update)
         self.metrics.polls.labels(account.provider,
@@ -129,6 +149,28 @@ class Reconciler:
                                       {str(member): now_ms()}, xx=True, gt=True)
         if outcome.stored:
             log.info("task %s: %s learned by polling", member, update.status.value)
+
+    async def _unknown(self, account: ProviderAccount, member: Member, ptid: str) -> None:
+        """The provider does not know the task (it lost it, or was reset): after
+        ``unknown_task_grace`` of such answers the task fails, and its slot comes back. A
+        late final from the provider still replaces that failure (it is inferred)."""
+        svc, key = self.svc, self.svc.store.keys.unknown(account.name)
+        now = now_ms()
+        await svc.redis.zadd(key, {str(member): now}, nx=True)
+        since = await svc.redis.zscore(key, str(member))
+        waited = (now - int(since or now)) / 1000
+        if waited < self.settings.unknown_task_grace:
+            return
+        claims = CallbackClaims(member.job_id, member.tenant, account.provider)
+        outcome = await svc.store.apply(claims, Update(
+            TaskStatus.FAILURE, inferred=True,
+            fail_reason=f"{account.provider} does not know this task ({ptid}) any more: it "
+                        f"answered so for {waited:.0f} s (it lost it; inferred by receiver)"))
+        await svc.redis.zrem(key, str(member))
+        if outcome.stored:
+            self.metrics.inferred_failures.labels(account.provider).inc()
+            log.warning("task %s: %s does not know %s; failed", member, account.provider, ptid)
+            await svc.admission.prune(account.name)
 
     async def _infer_failure(self, account: ProviderAccount, member: Member, idle: float) -> None:
         claims = CallbackClaims(member.job_id, member.tenant, account.provider)

@@ -103,7 +103,7 @@ def client(account: ProviderAccount) -> ProviderClient:
     """The provider's client for one account."""
     if account.provider == "mjproxy":
         return MjproxyClient(account.base_url, str(account.api_key),
-                             auth_header=account.auth_header)
+                             auth_header=account.auth_header, flavor=account.flavor)
     return CLIENTS[account.provider](account.base_url, str(account.api_key))
 
 

@@ -14,6 +14,7 @@ from starlette.datastructures import CommaSeparatedStrings, Secret
 from receiver.constants import DEFAULT_PREFIX, TENANT_RE
 
 DEFAULT_TENANT = "default"
+MJPROXY_FLAVORS = ("trueai", "novicezk")  # midjourney-proxy's two API generations
 PROVIDERS = ("mjproxy", "ohmygpt", "aigc2d")
 
 
@@ -27,8 +28,10 @@ class ProviderAccount:
     base_url: str
     api_key: Secret
     queue_limit: int = 3
-    # mjproxy only: ``mj-api-secret`` (midjourney-proxy) or ``Authorization`` (relays)
+    # mjproxy only: ``mj-api-secret``, or ``Authorization`` (sent the raw key, which trueai
+    # compares whole); and the API generation: ``trueai`` (and plus) or ``novicezk``
     auth_header: str = "mj-api-secret"
+    flavor: str = "trueai"
 
     @property
     def name(self) -> str:
@@ -86,6 +89,14 @@ class Settings:
     task_timeout: float = 900.0
     inferred_grace: float = 3600.0
     reconcile_interval: float = 2.0
+    # A task the provider says it does not know (an empty fetch) fails after this long.
+    unknown_task_grace: float = 120.0
+    # Image URLs fetched to be sent as data URLs: "host:port" allowed although private or
+    # loopback (the built-in simulator's is added by `receiver serve --simulator`); the
+    # largest image; the longest fetch.
+    fetch_allow_hosts: tuple[str, ...] = ()
+    image_max_bytes: int = 32 * 1024 * 1024
+    fetch_timeout: float = 10.0
     # Confirm a callback's SUCCESS by polling the provider before storing it.
     verify_final: bool = False
     # Run the dispatcher and reconciler inside the web process.
@@ -142,6 +153,11 @@ class Settings:
             task_timeout=config("TASK_TIMEOUT", cast=float, default=900.0),
             inferred_grace=config("INFERRED_GRACE", cast=float, default=3600.0),
             reconcile_interval=config("RECONCILE_INTERVAL", cast=float, default=2.0),
+            unknown_task_grace=config("UNKNOWN_TASK_GRACE", cast=float, default=120.0),
+            fetch_allow_hosts=tuple(h.strip().lower() for h in config(
+                "FETCH_ALLOW_HOSTS", cast=CommaSeparatedStrings, default="") if h.strip()),
+            image_max_bytes=config("IMAGE_MAX_BYTES", cast=int, default=32 * 1024 * 1024),
+            fetch_timeout=config("FETCH_TIMEOUT", cast=float, default=10.0),
             verify_final=config("VERIFY_FINAL", cast=bool, default=False),
             embedded_worker=config("EMBEDDED_WORKER", cast=bool, default=False),
             log_format=config("LOG_FORMAT", default="text").lower(),
@@ -212,9 +228,13 @@ def read_accounts(config: Config) -> dict[str, ProviderAccount]:
         limit = config(f"{env}_QUEUE_LIMIT", cast=int, default=3)
         if limit < 1:
             raise SettingsError(f"{env}_QUEUE_LIMIT must be 1 or more")
+        flavor = config(f"{env}_FLAVOR", default="trueai").strip().lower()
+        if provider == "mjproxy" and flavor not in MJPROXY_FLAVORS:
+            raise SettingsError(f"MJPROXY_FLAVOR is one of {', '.join(MJPROXY_FLAVORS)}, "
+                                f"not {flavor!r}")
         accounts[provider] = ProviderAccount(
             provider, base_url, Secret(config(f"{env}_API_KEY", default="")), limit,
-            config(f"{env}_AUTH_HEADER", default="mj-api-secret"),
+            config(f"{env}_AUTH_HEADER", default="mj-api-secret"), flavor,
         )
     return accounts
 

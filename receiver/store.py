@@ -8,6 +8,7 @@ history, write the task, update the indexes and publish. See ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import orjson
@@ -237,6 +238,7 @@ class TaskStore:
     ) -> Outcome:
         job, tenant = claims.job_id, claims.tenant
         stream, last_id, index, channel, usage = self._for_tenant(tenant)
+        raw = redact_tokens(raw)
         patch: list[bytes] = []
         for name, value in fields.items():
             patch += (_INDEX_BYTES[name], orjson.dumps(value))
@@ -300,6 +302,31 @@ class TaskStore:
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
+
+
+# Every provider echoes the callback URL it was given (midjourney-proxy in
+# properties.notifyHook, OhMyGPT in webhookUrl), token and all; .NET may escape its "=".
+_TOKEN_VALUE = re.compile(rb"(?:=|\\u003[dD])[A-Za-z0-9_.%-]+")
+
+
+def redact_tokens(raw: bytes) -> bytes:
+    """``raw`` with every callback token replaced: no token is ever stored. Only the bytes
+    after each ``token`` (found at memchr speed) go through the regex: 3.4-3.6 us on a 1 KB
+    callback with one, against 6.4-8.4 us for one regex over the whole body (three
+    alternating runs of timeit, same process), about 1 us on a body without any."""
+    at = raw.find(b"token")
+    if at < 0:
+        return raw
+    out, done = [], 0
+    while at >= 0:
+        at += 5
+        match = _TOKEN_VALUE.match(raw, at)
+        if match:
+            out += (raw[done:at], b"=[redacted]")
+            done = match.end()
+        at = raw.find(b"token", at)
+    out.append(raw[done:])
+    return b"".join(out)
 
 
 def snapshot(values: bytes | None) -> bytes | None:

@@ -23,26 +23,30 @@ from receiver.admission import Member
 from receiver.api import JSONResponse, json_object, task_or_404
 from receiver.auth import authenticate
 from receiver.errors import BadRequest, Conflict
+from receiver.fetch import FetchPolicy, image_data_url
 from receiver.models import TaskStatus, Update, new_job_id
 from receiver.pricing import usage_report
 from receiver.providers import (
     ACTIONS,
     Aigc2dClient,
+    CannotCancel,
     ModeMismatch,
+    ProviderClient,
     SubmitRequest,
     UnknownParent,
     button_action,
+    dialog_input,
     find_button,
 )
 from receiver.services import Services, services
 from receiver.tokens import CallbackClaims
 
-MODES: dict[str, tuple[str, ...]] = {
-    "mjproxy": ("FAST", "RELAX", "TURBO"), "ohmygpt": ("FAST", "NORMAL"), "aigc2d": ()}
+ALL_MODES = ("FAST", "NORMAL", "RELAX", "TURBO")  # what any provider offers
 DEFAULT_MODE: dict[str, str] = {"ohmygpt": "FAST"}
 BUTTON_ACTIONS = ("UPSCALE", "VARIATION", "REROLL", "ZOOM", "PAN")
 DIMENSIONS = ("PORTRAIT", "SQUARE", "LANDSCAPE")
 MAX_PROMPT = 8192
+MAX_IMAGE_TEXT = 16 * 1024 * 1024  # an image or mask given inline, as a data URL
 
 
 class ParentNotReady(Conflict):
@@ -60,10 +64,12 @@ async def create_task(request: Request) -> Response:
 async def list_providers(request: Request) -> Response:
     """What ``POST /tasks`` can send to: the configured providers, their modes, the default."""
     authenticate(request)
-    settings = services(request).settings
+    svc = services(request)
+    settings = svc.settings
     return JSONResponse({
         "default": settings.provider_for(None),
-        "providers": [{"name": name, "modes": list(MODES[name]),
+        "providers": [{"name": name, "modes": list(svc.clients[name].modes),
+                       "flavor": account.flavor if name == "mjproxy" else None,
                        "default_mode": DEFAULT_MODE.get(name),
                        "queue_limit": account.queue_limit}
                       for name, account in settings.accounts.items()],
@@ -84,13 +90,16 @@ async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes
         configured = sorted(svc.settings.accounts) or "none"
         raise BadRequest(f"'provider' must be a configured provider (configured: {configured})")
     account = svc.settings.accounts[provider]
+    client = svc.clients[provider]
     action = (_text(body, "action") or "").upper() or None
     mode = (_text(body, "mode") or "").upper() or None
-    if mode is not None and mode not in MODES[provider]:
-        offered = ", ".join(MODES[provider]) or "no modes"
-        raise BadRequest(f"{provider} has {offered}, not {mode!r}")
+    if mode is not None and mode not in client.modes:
+        offered = ", ".join(client.modes) or "no modes"
+        flavor = f" ({account.flavor})" if provider == "mjproxy" else ""
+        raise BadRequest(f"{provider}{flavor} has {offered}, not {mode!r}")
     prompt = _text(body, "prompt", MAX_PROMPT)
     images = _images(body)
+    mask = _text(body, "mask", MAX_IMAGE_TEXT)
     dimensions = (_text(body, "dimensions") or "").upper() or None
     if dimensions is not None and dimensions not in DIMENSIONS:
         raise BadRequest(f"'dimensions' must be one of {', '.join(DIMENSIONS)}")
@@ -124,12 +133,23 @@ async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes
         raise BadRequest("IMAGINE needs a 'prompt'")
     if action == "DESCRIBE" and len(images) != 1:
         raise BadRequest("DESCRIBE takes one image in 'images'")
-    if action == "BLEND" and not 2 <= len(images) <= 5:
-        raise BadRequest("BLEND takes 2 to 5 images in 'images'")
+    if action == "BLEND" and not 2 <= len(images) <= client.max_blend():
+        raise BadRequest(f"{provider}'s BLEND takes 2 to {client.max_blend()} images in "
+                         "'images'")
+    need = dialog_input(custom_id)
+    if need == "prompt" and not prompt:
+        raise BadRequest(f"button {custom_id!r} opens a dialog: give its text in 'prompt' "
+                         "(Custom Zoom: the prompt with --zoom, e.g. 'a fox --zoom 1.5')")
+    if need == "mask" and not mask:
+        raise BadRequest(f"button {custom_id!r} (Vary Region) opens a dialog: give the area "
+                         "to redraw in 'mask' (a PNG data URL or image URL)")
+    if mask is not None and parent_id is None:
+        raise BadRequest("'mask' goes with a Vary Region button on a parent")
+    images, mask = await _as_sent(svc, client, images, mask)
 
     claims = CallbackClaims(new_job_id(), tenant, provider)
     request = SubmitRequest(action, prompt, images, parent_ptid, custom_id, index, mode,
-                            dimensions)
+                            dimensions, mask)
     control = {"a": account.name.encode(), "q": orjson.dumps(asdict(request))}
     price = svc.prices.price(provider, mode, action)
     cost = None
@@ -185,6 +205,19 @@ def _button(parent: dict[str, Any], action: str | None, button: str | None,
     return action, found
 
 
+async def _as_sent(svc: Services, client: ProviderClient, images: list[str],
+                   mask: str | None) -> tuple[list[str], str | None]:
+    """The images as the provider takes them: data URLs, fetched here (safely: `fetch`) so
+    that a refused image is a 400 now, not a failed task later."""
+    if not client.needs_data_urls():
+        return images, mask
+    settings = svc.settings
+    policy = FetchPolicy(allow_hosts=frozenset(settings.fetch_allow_hosts),
+                         max_bytes=settings.image_max_bytes, timeout=settings.fetch_timeout)
+    sent = [await image_data_url(url, policy) for url in images]
+    return sent, None if mask is None else await image_data_url(mask, policy)
+
+
 def _text(body: dict[str, Any], name: str, limit: int = 256) -> str | None:
     value = body.get(name)
     if value is None:
@@ -197,6 +230,55 @@ def _text(body: dict[str, Any], name: str, limit: int = 256) -> str | None:
 def _images(body: dict[str, Any]) -> list[str]:
     images = body.get("images") or []
     if not isinstance(images, list) or len(images) > 5 or not all(
-            isinstance(i, str) and i for i in images):
+            isinstance(i, str) and i and len(i) <= MAX_IMAGE_TEXT for i in images):
         raise BadRequest("'images' must be a list of up to 5 image URLs or data URLs")
     return images
+
+
+class TaskFinal(Conflict):
+    code = "task_final"
+
+
+class CancelInFlight(Conflict):
+    code = "cancel_in_flight"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "1"}
+
+
+async def cancel_task(request: Request) -> Response:
+    """``POST /tasks/{job_id}/cancel``."""
+    tenant = authenticate(request)
+    svc = services(request)
+    task = orjson.loads(await task_or_404(svc, tenant, request.path_params["job_id"]))
+    return JSONResponse(await cancel(svc, tenant, task))
+
+
+async def cancel(svc: Services, tenant: str, task: dict[str, Any]) -> bytes:
+    """Cancel a task; its snapshot afterwards. A task still in our queue is taken out of it
+    first, atomically, so no dispatcher can pop it afterwards: it is never sent."""
+    status, job_id = TaskStatus(task["status"]), task["id"]
+    if status.terminal:
+        raise TaskFinal(f"the task has ended ({status.value}): nothing to cancel")
+    claims = CallbackClaims(job_id, tenant, task["provider"])
+    account = await svc.redis.hget(svc.store.keys.task(tenant, job_id), "a")  # type: ignore[misc]
+    ptid = task["provider_task_id"]
+    if status is TaskStatus.NOT_START and ptid is None:
+        if account is None or not await svc.admission.withdraw(account.decode(),
+                                                                Member(tenant, job_id)):
+            if account is None:  # minted for a task submitted elsewhere: not ours to send
+                raise CannotCancel("this task was submitted elsewhere: cancel it there",
+                                   task["provider"])
+            raise CancelInFlight("the task is being sent to the provider right now; try "
+                                 "again in a moment")
+        await svc.store.apply(claims, Update(
+            TaskStatus.CANCEL, fail_reason="canceled before it was sent to the provider"))
+        return await task_or_404(svc, tenant, job_id)
+    client = svc.clients.get(task["provider"])
+    if client is None or account is None or ptid is None:
+        raise CannotCancel("this task was submitted elsewhere: cancel it there",
+                           task["provider"])
+    update = await client.cancel(ptid)  # CannotCancel where the provider has no way
+    if update is not None:
+        await svc.store.apply(claims, update)
+    return await task_or_404(svc, tenant, job_id)

@@ -16,14 +16,17 @@ from receiver.providers import (
     Aigc2dClient,
     BadProviderKey,
     BannedPrompt,
+    CannotCancel,
     InvalidRequest,
     MjproxyClient,
     ModeMismatch,
     OhmygptClient,
     ProviderClient,
     ProviderDown,
+    ProviderError,
     QueueFull,
     SubmitRequest,
+    Transient,
     UnknownParent,
     UnknownTask,
     find_button,
@@ -66,7 +69,7 @@ def test_mjproxy_submit_path_mode_auth_and_body() -> None:
                                            "notifyHook": "https://r/cb"}
     bearer = client(MjproxyClient, answer(result), auth_header="Authorization")
     submit(bearer, IMAGINE, hook=None)
-    assert seen[-1].headers["authorization"] == "Bearer sk-test"
+    assert seen[-1].headers["authorization"] == "sk-test"  # trueai compares the whole header
     assert "notifyHook" not in json.loads(seen[-1].content)
     assert seen[-1].url.path == "/mj/submit/imagine"
 
@@ -88,11 +91,15 @@ def test_mjproxy_action_presses_the_parents_button() -> None:
 @pytest.mark.parametrize(
     ("body", "error"),
     [
-        ({"code": 23, "description": "队列已满\uff0c请稍后尝试"}, QueueFull),
+        ({"code": 9, "description": "提交失败\uff0c队列已满\uff0c请稍后重试"}, QueueFull),
         ({"code": 24, "description": "可能包含敏感词", "properties": {"bannedWord": "gore"}},
          BannedPrompt),
-        ({"code": 4, "description": "关联任务不存在或已失效"}, UnknownParent),
+        ({"code": 3, "description": "关联任务不存在或已失效"}, UnknownParent),
+        ({"code": 3, "description": "无可用的账号实例"}, Transient),
+        ({"code": 9, "description": "提交失败\uff0c系统异常"}, Transient),
         ({"code": 4, "description": "prompt too long"}, InvalidRequest),
+        ({"success": False, "code": -1, "message": "该任务不支持重新生成",
+          "timestamp": 1700000000000}, InvalidRequest),
     ],
 )
 def test_mjproxy_refusals(body: dict[str, Any], error: type[Exception]) -> None:
@@ -100,6 +107,8 @@ def test_mjproxy_refusals(body: dict[str, Any], error: type[Exception]) -> None:
     request = SubmitRequest("VARIATION", parent_task_id="1", custom_id="MJ::JOB::variation::1")
     with pytest.raises(error) as caught:
         submit(c, request)
+    said = body.get("description") or body.get("message")
+    assert said in caught.value.detail  # the provider's own words are kept
     if error is BannedPrompt:
         assert caught.value.word == "gore"  # type: ignore[attr-defined]
 
@@ -109,8 +118,8 @@ def test_ohmygpt_submit_and_refusals() -> None:
     c = client(OhmygptClient, answer(json.loads(sample("ohmygpt-submit-response.json"))))
     assert submit(c, SubmitRequest("IMAGINE", prompt="fox", mode="NORMAL")) == "2"
     assert seen[-1].url.path == "/api/v1/ai/draw/mj/imagine"
-    assert json.loads(seen[-1].content) == {"type": "NORMAL", "webhook": "https://r/cb",
-                                            "prompt": "fox"}
+    assert json.loads(seen[-1].content) == {"model": "midjourney", "type": "NORMAL",
+                                            "webhook": "https://r/cb", "prompt": "fox"}
     assert seen[-1].headers["authorization"] == "Bearer sk-test"
     for message, error in [("queue is full", QueueFull),
                            ("prompt contains banned word 'gore'", BannedPrompt),
@@ -198,9 +207,157 @@ def test_requests_are_checked_before_sending() -> None:
 
 def test_answers_without_a_task_id_are_refusals_or_ambiguous_never_a_crash() -> None:
     html = lambda request: httpx.Response(404, text="<html>Not Found</html>")  # noqa: E731
-    with pytest.raises(InvalidRequest, match="refused the request \\(404\\)"):
+    with pytest.raises(InvalidRequest, match="refused the request \\(HTTP 404\\)"):
         submit(client(MjproxyClient, html), IMAGINE)  # nothing was queued: fail the task
     for odd in ([], {"code": 1, "description": "ok", "result": None}, {"code": 1, "result": []}):
         with pytest.raises(ProviderDown) as caught:  # said yes, or something: not resent
             submit(client(MjproxyClient, answer(odd)), IMAGINE)
         assert not caught.value.retry_safe
+
+
+# --- the two midjourney-proxy generations, dialogs, polling, cancel ------------------------
+
+def routed(routes: dict[str, Any]) -> Handler:
+    """Answer by path: a dict/list is JSON, bytes an exact body, an int an empty status."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        reply = routes[request.url.path]
+        if isinstance(reply, int):
+            return httpx.Response(reply)
+        if isinstance(reply, bytes):
+            return httpx.Response(200, content=reply)
+        return httpx.Response(200, json=reply)
+    return handler
+
+
+def test_trueai_dialog_is_completed_through_modal() -> None:
+    seen.clear()
+    c = client(MjproxyClient, routed({
+        "/mj-fast/mj/submit/action": {"code": 21, "description": "Waiting for window confirm",
+                                      "result": "77", "properties": {"remix": True}},
+        "/mj-fast/mj/submit/modal": {"code": 1, "description": "提交成功", "result": "77"}}))
+    zoom = SubmitRequest("ZOOM", prompt="a fox --zoom 1.5", parent_task_id="5",
+                         custom_id="MJ::CustomZoom::abc", mode="FAST")
+    assert submit(c, zoom) == "77"
+    assert [r.url.path for r in seen] == ["/mj-fast/mj/submit/action", "/mj-fast/mj/submit/modal"]
+    assert json.loads(seen[0].content) == {"customId": "MJ::CustomZoom::abc", "taskId": "5",
+                                           "notifyHook": "https://r/cb"}
+    assert json.loads(seen[1].content) == {"taskId": "77", "prompt": "a fox --zoom 1.5"}
+    seen.clear()
+    region = SubmitRequest("VARIATION", parent_task_id="5", custom_id="MJ::Inpaint::1::abc::SOLO",
+                           mode="FAST", mask="data:image/png;base64,iVBORw0KGgo=")
+    assert submit(c, region) == "77"
+    assert json.loads(seen[1].content) == {"taskId": "77",
+                                           "maskBase64": "data:image/png;base64,iVBORw0KGgo="}
+    seen.clear()  # a prompt on a variation opens the remix dialog
+    remix = SubmitRequest("VARIATION", prompt="in snow", parent_task_id="5",
+                          custom_id="MJ::JOB::variation::1::abc", mode="FAST")
+    submit(c, remix)
+    assert json.loads(seen[0].content)["enableRemix"] is True
+    refused = client(MjproxyClient, routed({
+        "/mj/submit/action": {"code": 21, "result": "78"},
+        "/mj/submit/modal": {"code": 4, "description": "prompt不能为空"}}))
+    with pytest.raises(InvalidRequest, match="prompt不能为空"):
+        submit(refused, SubmitRequest("ZOOM", parent_task_id="5", custom_id="MJ::CustomZoom::x"))
+
+
+def test_novicezk_sends_changes_by_action_and_index_with_no_modes() -> None:
+    seen.clear()
+    c = client(MjproxyClient, answer({"code": 1, "result": "11"}), flavor="novicezk")
+    assert c.modes == ()
+    submit(c, SubmitRequest("UPSCALE", parent_task_id="5", custom_id="MJ::JOB::upsample::2::5"))
+    submit(c, SubmitRequest("REROLL", parent_task_id="5",
+                            custom_id="MJ::JOB::reroll::0::5::SOLO"))
+    assert [r.url.path for r in seen] == ["/mj/submit/change"] * 2
+    assert json.loads(seen[0].content) == {"taskId": "5", "action": "UPSCALE", "index": 2,
+                                           "notifyHook": "https://r/cb"}
+    assert json.loads(seen[1].content) == {"taskId": "5", "action": "REROLL",
+                                           "notifyHook": "https://r/cb"}
+    seen.clear()
+    for bad in (SubmitRequest("IMAGINE", prompt="x", mode="FAST"),
+                SubmitRequest("ZOOM", parent_task_id="5", custom_id="MJ::Outpaint::50::1::5")):
+        with pytest.raises(InvalidRequest):
+            submit(c, bad)
+    assert seen == []  # refused before anything was sent
+    exists = client(MjproxyClient, answer({"code": 21, "description": "任务已存在",
+                                           "result": "42", "properties": {"status": "SUCCESS"}}),
+                    flavor="novicezk")
+    assert submit(exists, SubmitRequest("UPSCALE", parent_task_id="5",
+                                        custom_id="MJ::JOB::upsample::1::5")) == "42"
+    with pytest.raises(ValueError, match="MJPROXY_FLAVOR"):
+        client(MjproxyClient, answer({}), flavor="plus")
+
+
+@pytest.mark.parametrize(("status", "error"), [(401, BadProviderKey), (403, BadProviderKey),
+                                               (429, Transient)])
+def test_empty_refusals_by_status(status: int, error: type[ProviderError]) -> None:
+    with pytest.raises(error) as caught:
+        submit(client(MjproxyClient, routed({"/mj/submit/imagine": status})), IMAGINE)
+    assert caught.value.retry_safe  # refused before anything was queued
+
+
+def test_unknown_parent_is_a_404_with_code_3_on_trueai() -> None:
+    c = client(MjproxyClient, lambda r: httpx.Response(
+        404, json={"code": 3, "description": "关联任务不存在或已失效", "result": None}))
+    with pytest.raises(UnknownParent, match="关联任务不存在或已失效"):
+        submit(c, SubmitRequest("UPSCALE", parent_task_id="9", custom_id="MJ::JOB::upsample::1"))
+
+
+@pytest.mark.parametrize("reply", [b"", 204, 404], ids=["novicezk-empty-200", "trueai-204", "404"])
+def test_a_task_the_provider_does_not_know(reply: Any) -> None:
+    c = client(MjproxyClient, routed({"/mj/task/7/fetch": reply}))
+    with pytest.raises(UnknownTask):
+        asyncio.run(c.fetch("7"))
+
+
+def test_list_by_condition_polls_many_tasks_in_one_request() -> None:
+    seen.clear()
+    task = json.loads(sample("mjproxy-success.json"))
+    c = client(MjproxyClient, routed({"/mj/task/list-by-condition": [task]}))
+    answers = asyncio.run(c.fetch_many([task["id"], "404404"]))
+    assert len(seen) == 1 and json.loads(seen[0].content) == {"ids": [task["id"], "404404"]}
+    assert answers["404404"] is None
+    found = answers[task["id"]]
+    assert found is not None and found.status is TaskStatus.SUCCESS
+    # a relay without the route: one fetch each
+    old = client(MjproxyClient, routed({"/mj/task/list-by-condition": 404,
+                                        f"/mj/task/{task['id']}/fetch": sample(
+                                            "mjproxy-success.json"),
+                                        "/mj/task/404404/fetch": b""}))
+    answers = asyncio.run(old.fetch_many([task["id"], "404404"]))
+    assert answers["404404"] is None and answers[task["id"]] is not None
+
+
+def test_cancel_on_trueai_and_nowhere_else() -> None:
+    seen.clear()
+    canceled = {**json.loads(sample("mjproxy-progress.json")), "id": "7",
+                "status": "FAILURE", "failReason": "取消任务", "progress": ""}
+    c = client(MjproxyClient, routed({"/mj/task/7/cancel": b"", "/mj/task/7/fetch": canceled}))
+    update = asyncio.run(c.cancel("7"))
+    assert [r.url.path for r in seen] == ["/mj/task/7/cancel", "/mj/task/7/fetch"]
+    assert update is not None and update.status in (TaskStatus.CANCEL, TaskStatus.FAILURE)
+    for other in (client(MjproxyClient, answer({}), flavor="novicezk"),
+                  client(OhmygptClient, answer({})), client(Aigc2dClient, answer({}))):
+        with pytest.raises(CannotCancel):
+            asyncio.run(other.cancel("7"))
+
+
+def test_ohmygpt_sends_its_real_image_fields() -> None:
+    seen.clear()
+    c = client(OhmygptClient, answer({"statusCode": 200, "message": "Success", "data": 3}))
+    png = "data:image/png;base64,iVBORw0KGgo="
+    submit(c, SubmitRequest("IMAGINE", prompt="fox", images=[png]))
+    submit(c, SubmitRequest("DESCRIBE", images=[png]))
+    submit(c, SubmitRequest("BLEND", images=[png] * 4, dimensions="PORTRAIT"))
+    submit(c, SubmitRequest("VARIATION", parent_task_id="2", custom_id="MJ::Inpaint::1::h",
+                            mask=png))
+    bodies = [json.loads(r.content) for r in seen]
+    assert all(b["model"] == "midjourney" and b["type"] == "FAST" for b in bodies)
+    assert bodies[0]["base64Array"] == [png] and "image" not in bodies[0]
+    assert bodies[1]["base64"] == png and "image" not in bodies[1]
+    assert bodies[2]["base64Array"] == [png] * 4 and "images" not in bodies[2]
+    assert bodies[3] == {"model": "midjourney", "type": "FAST", "webhook": "https://r/cb",
+                         "taskId": 2, "customId": "MJ::Inpaint::1::h", "base64Mask": png}
+    seen.clear()
+    with pytest.raises(InvalidRequest, match="2 to 4"):
+        submit(c, SubmitRequest("BLEND", images=[png] * 5))
+    assert seen == []
