@@ -217,7 +217,7 @@ async def fetch_image(url: str, policy: FetchPolicy, *, resolver: Resolver | Non
     ``ImageRefused``. ``resolver`` and ``transport`` replace the system's (for tests, or a
     custom TLS trust); the whole fetch, lookups included, gets ``policy.timeout``."""
     try:
-        if True:
+        async with asyncio.timeout(policy.timeout):
             return await _fetch(url, policy, resolver or system_resolver, transport)
     except (TimeoutError, httpx.TimeoutException):
         raise ImageRefused(f"timed out after {policy.timeout:g} s: {url[:200]!r}") from None
