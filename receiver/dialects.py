@@ -31,22 +31,68 @@ def parse_mjproxy(body: bytes) -> Update:
     doc = _object(body)
     props = doc.get("properties")
     props = props if isinstance(props, dict) else {}
-    image_url = _str(doc.get("imageUrl"))
+    status = _status(doc.get("status"))
+    provider_task_id = _task_id(doc, "id", body)
+    action = _upper(doc.get("action"))
+    fail_reason = _str(doc.get("failReason"))
+    if status is TaskStatus.FAILURE and fail_reason == _TRUEAI_CANCELED:
+        status = TaskStatus.CANCEL  # trueai's POST /mj/task/{id}/cancel
+    final_prompt = _str(props.get("finalPrompt")) or _str(doc.get("promptEn"))
+    if action == "DESCRIBE":
+        # The described text is the output; imageUrl is the image that was described.
+        prompt, image_url, image_urls = None, None, None
+        final_prompt = final_prompt or _str(doc.get("prompt"))
+    else:
+        prompt, image_url = _str(doc.get("prompt")), _str(doc.get("imageUrl"))
+        image_urls = _urls(doc.get("imageUrls"), image_url)
+    if "buttons" in doc:
+        buttons = _buttons(doc["buttons"])
+    elif status is TaskStatus.SUCCESS and action in _GRID_ACTIONS:
+        buttons = _grid_buttons(provider_task_id)  # novicezk: its Task has no buttons
+    else:
+        buttons = None
     return Update(
-        status=_status(doc.get("status")),
+        status=status,
         progress=_progress(doc.get("progress")),
-        provider_task_id=_task_id(doc, "id", body),
-        action=_upper(doc.get("action")),
-        prompt=_str(doc.get("prompt")),
-        final_prompt=_str(props.get("finalPrompt")) or _str(doc.get("promptEn")),
+        provider_task_id=provider_task_id,
+        action=action,
+        prompt=prompt,
+        final_prompt=final_prompt,
         image_url=image_url,
-        image_urls=_urls(doc.get("imageUrls"), image_url),
-        buttons=_buttons(doc.get("buttons")),
-        fail_reason=_str(doc.get("failReason")),
+        image_urls=image_urls,
+        buttons=buttons,
+        fail_reason=fail_reason,
         submitted_at=_epoch_ms(doc.get("submitTime")),
         started_at=_epoch_ms(doc.get("startTime")),
         finished_at=_epoch_ms(doc.get("finishTime")),
         raw=body,
+    )
+
+
+# trueai's cancel fails the task with exactly this reason (TaskController.Cancel).
+_TRUEAI_CANCELED = "取消任务"
+# The actions whose SUCCESS is a grid novicezk's /mj/submit/change accepts as a parent
+# (SubmitController.change: IMAGINE, VARIATION, REROLL, BLEND).
+_GRID_ACTIONS = frozenset({"IMAGINE", "VARIATION", "REROLL", "BLEND"})
+
+
+def _grid_buttons(task_id: str) -> list[dict[str, str]]:
+    """The grid's buttons in Midjourney's order (U1-U4, reroll, V1-V4), in the custom-id
+    format trueai passes on from Discord (``MJ::JOB::upsample::1::<hash>``) with novicezk's
+    task id in the hash's place, so a novicezk grid is pressed like a trueai one. Copies of
+    the cached ones (the caller owns them); they are built once per id."""
+    return [button.copy() for button in _grid_button_parts(task_id)]
+
+
+@lru_cache(maxsize=1024)  # a grid's SUCCESS may be re-sent and re-fetched
+def _grid_button_parts(task_id: str) -> tuple[dict[str, str], ...]:
+    def button(custom_id: str, label: str, emoji: str = "") -> dict[str, str]:
+        return {"custom_id": custom_id, "label": label, "emoji": emoji}
+
+    return (
+        *(button(f"MJ::JOB::upsample::{i}::{task_id}", f"U{i}") for i in range(1, 5)),
+        button(f"MJ::JOB::reroll::0::{task_id}::SOLO", "", "\U0001f504"),  # 🔄
+        *(button(f"MJ::JOB::variation::{i}::{task_id}", f"V{i}") for i in range(1, 5)),
     )
 
 
@@ -77,16 +123,18 @@ def parse_ohmygpt(body: bytes) -> Update:
 
 
 def _described(update: Update) -> Update:
-    """OhMyGPT and AIGC2D answer a DESCRIBE in ``prompt``: it is the output, not the input."""
-    if update.action == "DESCRIBE" and update.prompt:
-        update.final_prompt, update.prompt = update.prompt, None
+    """OhMyGPT and AIGC2D answer a DESCRIBE in ``prompt``: it is the output, not the input,
+    and the image they name is the one that was described, not a result."""
+    if update.action == "DESCRIBE":
+        update.final_prompt = update.prompt or update.final_prompt
+        update.prompt = update.image_url = update.image_urls = None
     return update
 
 
 def parse_aigc2d(body: bytes) -> Update:
     doc = _object(body)
     status = _status(doc.get("status"))
-    image_url = _str(doc.get("image_url"))
+    image_url = _str(doc.get("image_url")) or None  # "" means no image (yet)
     fail_reason = _str(doc.get("fail_reason")) or _str(doc.get("failReason"))
     if status is TaskStatus.FAILURE and not fail_reason:
         message = _str(doc.get("message"))

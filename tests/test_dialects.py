@@ -209,3 +209,159 @@ def test_values_out_of_range_are_dropped_not_a_crash(
 def test_years_before_1000_are_zero_padded() -> None:
     body = b'{"task_id": 1, "status": "SUCCESS", "submit_time": "0999-01-01 08:00:00"}'
     assert parse_aigc2d(body).submitted_at == "0999-01-01T00:00:00.000Z"
+
+
+# --- DESCRIBE: the text is the output, the image the input ----------------------------------
+
+DESCRIBED = ("1️⃣ A ginger cat on a windowsill --ar 4:3\n\n2️⃣ an orange tabby cat --ar 4:3"
+             "\n\n3️⃣ cat by the window, watercolor --ar 4:3\n\n4️⃣ a cute cat portrait --ar 4:3")
+INPUT_IMAGE = "https://cdn.discordapp.com/attachments/1/2/1712030400123456.png"
+
+
+def test_mjproxy_novicezk_describe_text_is_the_final_prompt_and_the_image_is_dropped() -> None:
+    # DescribeSuccessHandler: prompt = promptEn = finalPrompt = the text; imageUrl = the input
+    body = orjson.dumps({
+        "id": "1712030400123456", "action": "DESCRIBE", "status": "SUCCESS",
+        "prompt": DESCRIBED, "promptEn": DESCRIBED, "imageUrl": INPUT_IMAGE,
+        "progress": "100%", "properties": {"finalPrompt": DESCRIBED}})
+    u = parse_mjproxy(body)
+    assert u.final_prompt == DESCRIBED
+    assert (u.prompt, u.image_url, u.image_urls, u.buttons) == (None, None, None, None)
+    assert not {"prompt", "image_url", "image_urls"} & set(u.fields())
+
+
+def test_mjproxy_trueai_describe_keeps_its_crlf_text_as_written() -> None:
+    # TaskInfo.SetDescribeButtions: promptEn and finalPrompt joined by "\r\n", prompt null
+    joined = DESCRIBED.replace("\n\n", "\r\n")
+    body = orjson.dumps({
+        "id": "1712030400123777", "action": "DESCRIBE", "status": "SUCCESS", "prompt": None,
+        "promptEn": joined, "imageUrl": INPUT_IMAGE,
+        "imageUrls": [{"url": INPUT_IMAGE, "thumbnail": None}],
+        "properties": {"finalPrompt": joined},
+        "buttons": [{"customId": "MJ::Job::PicReader::1", "emoji": "1️⃣", "label": ""}]})
+    u = parse_mjproxy(body)
+    assert u.final_prompt == joined  # not re-joined, not split
+    assert (u.prompt, u.image_url, u.image_urls) == (None, None, None)
+    assert u.buttons == [{"custom_id": "MJ::Job::PicReader::1", "label": "", "emoji": "1️⃣"}]
+
+
+def test_mjproxy_describe_under_way_has_no_prompt_or_image_either() -> None:
+    body = orjson.dumps({"id": "7", "action": "DESCRIBE", "status": "IN_PROGRESS",
+                         "progress": "0%", "imageUrl": INPUT_IMAGE, "prompt": None})
+    u = parse_mjproxy(body)
+    assert (u.prompt, u.final_prompt, u.image_url, u.image_urls) == (None, None, None, None)
+
+
+def test_mjproxy_describe_text_only_in_prompt_is_still_the_final_prompt() -> None:
+    body = orjson.dumps({"id": "7", "action": "describe", "status": "SUCCESS",
+                         "prompt": DESCRIBED})
+    u = parse_mjproxy(body)
+    assert (u.final_prompt, u.prompt) == (DESCRIBED, None)
+
+
+@pytest.mark.parametrize(
+    ("provider", "doc"),
+    [
+        ("ohmygpt", {"taskId": 22, "imageDcUrl": INPUT_IMAGE, "imageS3Url": INPUT_IMAGE}),
+        ("aigc2d", {"task_id": 442275063214085303, "image_url": INPUT_IMAGE}),
+    ],
+)
+def test_ohmygpt_and_aigc2d_describe_drop_the_input_image(
+    provider: str, doc: dict[str, object]
+) -> None:
+    body = orjson.dumps({**doc, "action": "DESCRIBE", "status": "SUCCESS",
+                         "prompt": DESCRIBED})
+    u = parse(provider, body)
+    assert (u.final_prompt, u.prompt) == (DESCRIBED, None)
+    assert (u.image_url, u.image_urls) == (None, None)
+
+
+# --- novicezk grids get the buttons its API offers by name ----------------------------------
+
+NZ_ID = "1712030133045210"
+NZ_GRID_BUTTONS = [
+    *({"custom_id": f"MJ::JOB::upsample::{i}::{NZ_ID}", "label": f"U{i}", "emoji": ""}
+      for i in range(1, 5)),
+    {"custom_id": f"MJ::JOB::reroll::0::{NZ_ID}::SOLO", "label": "", "emoji": "🔄"},
+    *({"custom_id": f"MJ::JOB::variation::{i}::{NZ_ID}", "label": f"V{i}", "emoji": ""}
+      for i in range(1, 5)),
+]
+
+
+def _novicezk(status: str, action: str, **extra: object) -> bytes:
+    """A novicezk Task as Jackson writes it: no buttons key at all."""
+    return orjson.dumps({"id": NZ_ID, "properties": {}, "action": action, "status": status,
+                         "progress": "100%" if status == "SUCCESS" else "0%", **extra})
+
+
+@pytest.mark.parametrize("action", ["IMAGINE", "VARIATION", "REROLL", "BLEND"])
+def test_novicezk_grid_without_a_buttons_key_gets_midjourneys_buttons(action: str) -> None:
+    u = parse_mjproxy(_novicezk("SUCCESS", action))
+    assert u.buttons == NZ_GRID_BUTTONS  # U1-U4, reroll, V1-V4
+
+
+@pytest.mark.parametrize(
+    ("status", "action", "extra", "want"),
+    [
+        ("SUCCESS", "UPSCALE", {}, None),  # not a grid: novicezk refuses it as a parent
+        ("SUCCESS", "DESCRIBE", {}, None),
+        ("IN_PROGRESS", "IMAGINE", {}, None),  # not finished
+        ("FAILURE", "IMAGINE", {}, None),
+        ("SUCCESS", "IMAGINE", {"buttons": []}, []),  # trueai said "none": believe it
+    ],
+)
+def test_no_buttons_are_made_up_otherwise(
+    status: str, action: str, extra: dict[str, object], want: object
+) -> None:
+    assert parse_mjproxy(_novicezk(status, action, **extra)).buttons == want
+
+
+def test_grid_buttons_are_fresh_dicts_built_once_per_id() -> None:
+    from receiver.dialects import _grid_button_parts
+
+    _grid_button_parts.cache_clear()
+    first = parse_mjproxy(_novicezk("SUCCESS", "IMAGINE"))
+    assert first.buttons is not None
+    first.buttons[0]["label"] = "changed"
+    again = parse_mjproxy(_novicezk("SUCCESS", "IMAGINE"))
+    assert again.buttons == NZ_GRID_BUTTONS
+    info = _grid_button_parts.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+# --- trueai's cancel, text progress, AIGC2D's empty image -----------------------------------
+
+
+def test_trueai_cancel_reason_is_a_cancel() -> None:
+    body = orjson.dumps({"id": "1712030600333444", "status": "FAILURE", "progress": "",
+                         "failReason": "取消任务", "action": "IMAGINE"})
+    u = parse_mjproxy(body)
+    assert u.status is TaskStatus.CANCEL
+    assert u.fail_reason == "取消任务"
+    assert u.fields()["status"] == "CANCEL"
+
+
+@pytest.mark.parametrize("reason", ["取消任务 ", "任务取消", "任务超时", "可能包含敏感词", None])
+def test_other_failures_stay_failures(reason: str | None) -> None:
+    body = orjson.dumps({"id": "1", "status": "FAILURE", "failReason": reason})
+    assert parse_mjproxy(body).status is TaskStatus.FAILURE
+
+
+@pytest.mark.parametrize(
+    ("progress", "want"),
+    [("Waiting to start", None), ("0%", 0), ("", None), ("45%", 45), ("100%", 100),
+     ("Stopped", None), ("paused", None), ("relaxed", None), (None, None)],
+)
+def test_text_progress_is_a_number_or_none(progress: str | None, want: int | None) -> None:
+    # novicezk copies the text in the Discord message's parentheses into progress
+    body = orjson.dumps({"id": "1", "status": "IN_PROGRESS", "progress": progress})
+    u = parse_mjproxy(body)
+    assert u.progress == want
+    assert ("progress" in u.fields()) is (want is not None)
+
+
+def test_aigc2d_empty_image_url_is_no_image() -> None:
+    body = b'{"task_id": 7, "status": "IN_PROGRESS", "progress": "45%", "image_url": ""}'
+    u = parse_aigc2d(body)
+    assert (u.image_url, u.image_urls) == (None, None)
+    assert "image_url" not in u.fields()

@@ -32,6 +32,7 @@ from receiver.providers import (
     find_button,
 )
 from tests.conftest import sample
+from tests.fixtures_providers import ProviderFixture, load_fixtures
 
 Handler = Callable[[httpx.Request], httpx.Response]
 seen: list[httpx.Request] = []
@@ -361,3 +362,49 @@ def test_ohmygpt_sends_its_real_image_fields() -> None:
     with pytest.raises(InvalidRequest, match="2 to 4"):
         submit(c, SubmitRequest("BLEND", images=[png] * 5))
     assert seen == []
+
+
+# --- every documented answer, from the fixtures built from the providers' sources ----------
+
+EXPECTED: dict[str, type[ProviderError] | None] = {  # None: accepted, the id returned
+    "answer-submitted": None, "answer-queued": None, "answer-code21-exists": None,
+    "answer-code21-modal": None,  # completed through /mj/submit/modal
+    "answer-queue-full": QueueFull, "answer-failure-system": Transient,
+    "answer-transient-no-instance": Transient, "answer-transient-instance-down": Transient,
+    "answer-banned": BannedPrompt, "answer-parent-not-found": UnknownParent,
+    "answer-validation-base64": InvalidRequest, "answer-validation-parent-state": InvalidRequest,
+    "answer-logic-exception": InvalidRequest, "http-401-unauthorized": BadProviderKey,
+    "http-403-blacklisted": BadProviderKey, "http-429-rate-limited": Transient,
+}
+MJPROXY_ANSWERS = [f for f in load_fixtures("mjproxy")
+                   if f.kind in ("answer", "http")]
+
+
+def test_every_mjproxy_answer_fixture_is_classified() -> None:
+    assert {f.name for f in MJPROXY_ANSWERS} <= set(EXPECTED)
+    assert len(MJPROXY_ANSWERS) >= 20
+
+
+@pytest.mark.parametrize("fixture", MJPROXY_ANSWERS, ids=lambda f: f.id)
+def test_mjproxy_answers_from_the_sources(fixture: ProviderFixture) -> None:
+    seen.clear()
+    modal = {"code": 1, "description": "提交成功", "result": "modal-id"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/modal"):
+            return httpx.Response(200, json=modal)
+        return httpx.Response(fixture.http_status, content=fixture.body_bytes)
+
+    assert fixture.flavour is not None
+    c = client(MjproxyClient, handler, flavor=fixture.flavour)
+    request = SubmitRequest("UPSCALE", parent_task_id="1", custom_id="MJ::JOB::upsample::1::h")
+    expected = EXPECTED[fixture.name]
+    if expected is None:
+        result = fixture.body["result"] if fixture.name != "answer-code21-modal" else "modal-id"
+        assert submit(c, request) == result
+        return
+    with pytest.raises(expected) as caught:
+        submit(c, request)
+    said = (fixture.body or {}).get("description") or (fixture.body or {}).get("message")
+    if said:
+        assert said in caught.value.detail  # the provider's words are never lost

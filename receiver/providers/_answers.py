@@ -67,7 +67,8 @@ MJPROXY: dict[str, tuple[Row, ...]] = {
         Row(21, Outcome.EXISTS),  # 任务已存在: result is the existing task's id
         Row(23, Outcome.QUEUE_FULL),  # 队列已满, 请稍后尝试
         Row(24, Outcome.BANNED),  # 可能包含敏感词, properties.bannedWord
-        Row(3, Outcome.TRANSIENT, ("无可用的账号实例",)),  # no account instance, for now
+        # no account instance, or the parent's instance is down (账号不可用): for now
+        Row(3, Outcome.TRANSIENT, ("无可用的账号实例", "账号不可用")),
         Row(3, Outcome.UNKNOWN_PARENT),  # 关联任务不存在或已失效
         Row(9, Outcome.TRANSIENT),  # 提交失败, 系统异常: the executor refused, nothing queued
         Row(401, Outcome.AUTH),  # ApiAuthorizeInterceptor: 401, empty body
@@ -84,7 +85,7 @@ MJPROXY: dict[str, tuple[Row, ...]] = {
         Row(9, Outcome.QUEUE_FULL, ("队列已满", "queue full")),  # 提交失败, 队列已满, 请稍后重试
         Row(23, Outcome.QUEUE_FULL),  # unused by trueai, kept for the plus edition
         Row(24, Outcome.BANNED),
-        Row(3, Outcome.TRANSIENT, ("无可用的账号实例",)),
+        Row(3, Outcome.TRANSIENT, ("无可用的账号实例", "账号不可用")),
         Row(3, Outcome.UNKNOWN_PARENT),  # HTTP 404 {code: 3, 关联任务不存在或已失效}
         Row(9, Outcome.TRANSIENT),  # 提交失败, 系统异常
         Row(401, Outcome.AUTH),
