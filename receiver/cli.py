@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -59,11 +60,15 @@ def main(argv: list[str] | None = None) -> int:
                             "custom id")
     submit_cmd.add_argument("--index", type=int, help="1-4, with --action")
     submit_cmd.add_argument("--image", action="append", default=[],
-                            help="an image URL (DESCRIBE: one; BLEND: 2 to 5)")
+                            help="an image URL or data URL (DESCRIBE: one; BLEND: 2 to 5, "
+                            "OhMyGPT 2 to 4; IMAGINE: references)")
+    submit_cmd.add_argument("--mask", help="Vary (Region)'s mask: a PNG as a URL or data URL")
     submit_cmd.add_argument("--dimensions", help="PORTRAIT, SQUARE or LANDSCAPE (BLEND)")
     submit_cmd.add_argument("--watch", action="store_true", help="show its progress until "
                             "it ends")
-    for client_cmd in (watch_cmd, submit_cmd):
+    cancel_cmd = commands.add_parser("cancel", help="cancel a task not yet finished")
+    cancel_cmd.add_argument("task_id", help="the task")
+    for client_cmd in (watch_cmd, submit_cmd, cancel_cmd):
         client_cmd.add_argument("--url", default=os.environ.get("RECEIVER_URL"),
                                 help="the service (RECEIVER_URL; default "
                                 "http://127.0.0.1:PORT)")
@@ -76,19 +81,29 @@ def main(argv: list[str] | None = None) -> int:
     sim_cmd.add_argument("--step-interval", type=float, default=0.3,
                          help="seconds between a task's states")
     sim_cmd.add_argument("--queue-limit", type=int,
-                         help="unfinished tasks per key before the queue is full")
+                         help="ohmygpt, aigc2d: unfinished tasks per key before the queue is "
+                         "full; mjproxy: tasks a key runs at once (the rest wait)")
+    sim_cmd.add_argument("--mjproxy-queue-size", type=int, default=10,
+                         help="mjproxy: tasks a key may have waiting before its queue is full")
+    sim_cmd.add_argument("--mjproxy-flavor", choices=("trueai", "novicezk"),
+                         default=os.environ.get("MJPROXY_FLAVOR", "").strip().lower() or "trueai",
+                         help="which midjourney-proxy generation /mj/* plays (MJPROXY_FLAVOR; "
+                         "default trueai)")
+    sim_cmd.add_argument("--seed", type=int, help="fixed ids, hashes and fault draws")
     args = parser.parse_args(argv)
     verbose = args.command in ("serve", "worker")  # the others draw on the terminal
     json_lines = os.environ.get("LOG_FORMAT", "text").lower() == "json"
     logging.config.dictConfig(log_config(json_lines, "INFO" if verbose else "WARNING"))
     if args.command == "simulate":
         return simulate(args)
-    if args.command in ("watch", "submit"):
+    if args.command in ("watch", "submit", "cancel"):
         from receiver.watch import watch
 
         url = args.url or f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
         if args.command == "submit":
             return submit(url, args)
+        if args.command == "cancel":
+            return cancel(url, args)
         return watch(url, args.api_key, args.task_id)
     try:
         if args.command == "worker":
@@ -156,13 +171,10 @@ def worker() -> int:
 def submit(url: str, args: argparse.Namespace) -> int:
     body = {"provider": args.provider, "action": args.action, "prompt": args.prompt,
             "mode": args.mode, "parent_id": args.parent, "button": args.button,
-            "index": args.index, "images": args.image or None, "dimensions": args.dimensions}
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    try:
-        response = httpx.post(f"{url.rstrip('/')}/tasks", headers=headers, timeout=30.0,
-                              json={k: v for k, v in body.items() if v is not None})
-    except httpx.TransportError as exc:
-        print(f"receiver: cannot reach {url}: {exc}", file=sys.stderr)
+            "index": args.index, "images": args.image or None, "dimensions": args.dimensions,
+            "mask": args.mask}
+    response = _post(url, "/tasks", args.api_key, {k: v for k, v in body.items() if v is not None})
+    if response is None:
         return 2
     if response.status_code != 202:
         print(f"receiver: {response.status_code} {response.text}", file=sys.stderr)
@@ -175,6 +187,28 @@ def submit(url: str, args: argparse.Namespace) -> int:
 
     print(f"task {task['id']} ({task['provider']} {task['action']})", flush=True)
     return watch(url, args.api_key, task["id"])
+
+
+def cancel(url: str, args: argparse.Namespace) -> int:
+    response = _post(url, f"/tasks/{args.task_id}/cancel", args.api_key, None)
+    if response is None:
+        return 2
+    if response.status_code != 200:
+        print(f"receiver: {response.status_code} {response.text}", file=sys.stderr)
+        return 1
+    print(response.text)
+    return 0
+
+
+def _post(url: str, path: str, api_key: str | None,
+          body: dict[str, Any] | None) -> httpx.Response | None:
+    """POST to the service; None (the reason printed) when it cannot be reached."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        return httpx.post(f"{url.rstrip('/')}{path}", headers=headers, timeout=30.0, json=body)
+    except httpx.TransportError as exc:
+        print(f"receiver: cannot reach {url}: {exc}", file=sys.stderr)
+        return None
 
 
 def _start_simulator(settings: Settings) -> subprocess.Popen[bytes]:
@@ -201,6 +235,9 @@ def _start_simulator(settings: Settings) -> subprocess.Popen[bytes]:
         os.environ[f"{provider.upper()}_BASE_URL"] = url
         os.environ[f"{provider.upper()}_API_KEY"] = f"sim-{provider}"
     os.environ.setdefault("DEFAULT_PROVIDER", "mjproxy")
+    # its /images/* are loopback, which image fetching refuses unless allowed by host:port
+    allowed = [h for h in os.environ.get("FETCH_ALLOW_HOSTS", "").split(",") if h.strip()]
+    os.environ["FETCH_ALLOW_HOSTS"] = ",".join([*allowed, f"127.0.0.1:{port}"])
     log.info("the simulator plays %s on %s", ", ".join(played) or "no provider", url)
     return child
 
@@ -213,9 +250,16 @@ def simulate(args: argparse.Namespace) -> int:
     if not is_loopback(args.host):
         # It accepts any key and POSTs wherever a submission says.
         log.warning("the simulator is open to %s: any key is accepted", args.host)
-    config = SimulatorConfig(step_interval=args.step_interval, queue_limit=args.queue_limit)
+    try:
+        config = SimulatorConfig(step_interval=args.step_interval, queue_limit=args.queue_limit,
+                                 mjproxy_queue_size=args.mjproxy_queue_size,
+                                 mjproxy_flavor=args.mjproxy_flavor, seed=args.seed)
+    except ValueError as exc:  # e.g. MJPROXY_FLAVOR naming no flavor
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 2
     print(f"receiver: provider simulator on http://{args.host}:{args.port}/ "
-          "(faults: /_sim/faults, counters: /_sim/stats)", flush=True)
+          f"(mjproxy: {args.mjproxy_flavor}; faults: /_sim/faults, counters: /_sim/stats)",
+          flush=True)
     uvicorn.run(create_simulator(config), host=args.host, port=args.port,
                 timeout_graceful_shutdown=5)
     return 0

@@ -44,10 +44,11 @@ class Metrics:
             registry=r)
         self.submissions = Counter(
             "receiver_submissions", "Tasks sent to providers, by provider and result "
-            "(accepted, requeued, refused, unanswered)", ["provider", "result"], registry=r)
+            "(accepted, queue_full, busy, auth, requeued, refused, unanswered)",
+            ["provider", "result"], registry=r)
         self.polls = Counter(
             "receiver_reconciler_polls", "Provider polls by the reconciler, by provider and "
-            "result (stored, unchanged, error)", ["provider", "result"], registry=r)
+            "result (stored, unchanged, unknown, error)", ["provider", "result"], registry=r)
         self.inferred_failures = Counter(
             "receiver_inferred_failures", "Tasks failed as timed out by the reconciler",
             ["provider"], registry=r)

@@ -317,7 +317,8 @@ def redact_tokens(raw: bytes) -> bytes:
     at = raw.find(b"token")
     if at < 0:
         return raw
-    out, done = [], 0
+    out: list[bytes] = []
+    done = 0
     while at >= 0:
         at += 5
         match = _TOKEN_VALUE.match(raw, at)

@@ -252,20 +252,25 @@ Stack = Callable[..., tuple[LiveServer, LiveServer]]
 
 @pytest.fixture
 def stack(redis_server: RedisServer, r: redis.Redis) -> Iterator[Stack]:
-    """``stack(sim=SimulatorConfig(...), **settings)`` -> (receiver, simulator), both running,
-    the receiver's embedded worker sending to the simulator for every provider."""
+    """``stack(sim=SimulatorConfig(...), flavor=..., **settings)`` -> (receiver, simulator),
+    both running, the receiver's embedded worker sending to the simulator for every provider
+    (mjproxy in the simulator's flavour, whose host may be fetched from)."""
     started: list[LiveServer] = []
 
-    def make(sim: SimulatorConfig | None = None, limit: int = 3,
+    def make(sim: SimulatorConfig | None = None, limit: int = 3, flavor: str | None = None,
              **overrides: Any) -> tuple[LiveServer, LiveServer]:
-        simulator = LiveServer(app=create_simulator(
-            sim or SimulatorConfig(step_interval=0.02, seed=7))).start()
+        sim = sim or SimulatorConfig(step_interval=0.02, seed=7)
+        if flavor is not None:
+            sim = replace(sim, mjproxy_flavor=flavor)
+        simulator = LiveServer(app=create_simulator(sim)).start()
         started.append(simulator)
         port = free_port()
         overrides.setdefault("embedded_worker", True)
+        overrides.setdefault("fetch_allow_hosts", (f"127.0.0.1:{simulator.port}",))
         settings = base_settings(
             redis_server.url, public_base_url=f"http://127.0.0.1:{port}",
-            accounts={p: ProviderAccount(p, simulator.url, Secret(f"sk-{p}"), limit)
+            accounts={p: ProviderAccount(p, simulator.url, Secret(f"sk-{p}"), limit,
+                                         flavor=sim.mjproxy_flavor)
                       for p in PROVIDERS},
             reconcile_after=0.5, reconcile_interval=0.1, **overrides)
         receiver = LiveServer(settings, port=port).start()

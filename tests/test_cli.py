@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -97,19 +98,35 @@ def test_submit_watch_on_a_fresh_service_shows_a_task_reach_100(tmp_path: Path) 
     env = fresh_env(tmp_path)
     proc = serve(tmp_path, env)
     try:
-        watched = subprocess.run(
-            [sys.executable, "-m", "receiver.cli", "submit", "a red fox", "--watch"],
+        cli = [sys.executable, "-m", "receiver.cli"]
+        watched = subprocess.run([*cli, "submit", "a red fox", "--watch"],
+                                 env={**env, "COLUMNS": "100"}, capture_output=True, text=True,
+                                 timeout=60)
+        simulator = re.search(r"simulator plays .* on (\S+)",
+                              (tmp_path / "serve.log").read_text())
+        assert simulator, (tmp_path / "serve.log").read_text()
+        # the simulator's images are loopback: `serve --simulator` allows fetching them
+        described = subprocess.run(
+            [*cli, "submit", "--action", "DESCRIBE", "--image",
+             f"{simulator[1]}/images/input.png", "--watch"],
             env={**env, "COLUMNS": "100"}, capture_output=True, text=True, timeout=60)
         listed = httpx.get(f"http://127.0.0.1:{env['PORT']}/tasks").json()["tasks"]
+        cancelled = subprocess.run([*cli, "cancel", listed[0]["id"]], env=env,
+                                   capture_output=True, text=True, timeout=60)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)  # uvicorn (10 s grace), then Redis and the simulator: bounded
     assert watched.returncode == 0, watched.stdout + watched.stderr
     assert "100%" in watched.stdout and "SUCCESS" in watched.stdout
     assert "━" in watched.stdout  # the bar
-    [task] = listed  # sent to the simulator (mjproxy by default) and finished
+    assert described.returncode == 0 and "SUCCESS" in described.stdout, described.stderr
+    # sent to the simulator (mjproxy by default) and finished, newest first
+    describe, task = listed
     assert task["status"] == "SUCCESS" and task["provider"] == "mjproxy"
     assert task["prompt"] == "a red fox" and task["image_url"]
+    assert describe["action"] == "DESCRIBE" and describe["final_prompt"]
+    assert cancelled.returncode == 1 and "409" in cancelled.stderr, cancelled.stderr
+    assert "task_final" in cancelled.stderr
     assert "simulator plays mjproxy, ohmygpt, aigc2d" in (tmp_path / "serve.log").read_text()
 
 

@@ -7,6 +7,7 @@ import json
 import time
 
 import httpx
+import pytest
 import redis
 from starlette.datastructures import Secret
 
@@ -106,18 +107,18 @@ def test_an_unreachable_provider_keeps_the_task_queued_until_it_is_back(
             simulator.stop()
 
 
-def test_polls_answered_with_nothing_do_not_stop_the_worker(stack: Stack) -> None:
+def test_a_task_unknown_for_less_than_the_grace_is_polled_again(stack: Stack) -> None:
     receiver, simulator = stack()
-    faults(simulator, drop_callbacks=1.0, empty_polls=True)  # as a proxy that forgot them
+    faults(simulator, drop_callbacks=1.0, empty_polls=True)  # trueai's 204: "no such task"
     with receiver.client("key-acme") as acme:
         first = submit(acme, provider="mjproxy", prompt="one")["id"]
-        time.sleep(1.5)  # polled (reconcile_after 0.5 s) and answered with an empty body
+        time.sleep(1.5)  # polled (reconcile_after 0.5 s), unknown, well within the grace
         second = submit(acme, provider="mjproxy", prompt="two")["id"]
         faults(simulator, empty_polls=False)
         assert [wait_final(acme, job)["status"] for job in (first, second)] == ["SUCCESS"] * 2
         metrics = acme.get("/metrics").text
     assert sim_stats(simulator)["submitted"] == 2
-    assert 'receiver_reconciler_polls_total{provider="mjproxy",result="error"}' in metrics
+    assert 'receiver_reconciler_polls_total{provider="mjproxy",result="unknown"}' in metrics
 
 
 def test_a_refusal_without_json_fails_the_task_and_frees_its_slot(
@@ -135,7 +136,7 @@ def test_a_refusal_without_json_fails_the_task_and_frees_its_slot(
     finally:
         receiver.stop()
     assert [t["status"] for t in failed] == ["FAILURE", "FAILURE"]
-    assert all("refused the request (404)" in t["fail_reason"] for t in failed)
+    assert all("refused the request (HTTP 404)" in t["fail_reason"] for t in failed)
     assert r.zcard(KEYS.slots("mjproxy")) == 0
 
 
@@ -155,3 +156,21 @@ def test_verify_final_does_not_take_another_tasks_success_before_ours_is_known(
         assert answer.status_code == 202 and answer.json()["result"] == "verifying"
         task = acme.get(f"/tasks/{ours}").json()
     assert task["status"] == "NOT_START" and task["provider_task_id"] is None
+
+
+@pytest.mark.parametrize("provider", ["mjproxy", "ohmygpt"])
+def test_a_task_the_provider_does_not_know_fails_after_the_grace(stack: Stack,
+                                                                 provider: str) -> None:
+    receiver, simulator = stack(limit=1, unknown_task_grace=1.0)
+    faults(simulator, drop_callbacks=1.0, empty_polls=True)  # it lost the task
+    with receiver.client("key-acme") as acme:
+        lost = submit(acme, provider=provider, prompt="lost")["id"]
+        task = wait_final(acme, lost, timeout=20)
+        assert task["status"] == "FAILURE", task
+        assert "does not know this task" in task["fail_reason"]
+        faults(simulator, drop_callbacks=0.0, empty_polls=False)
+        # its slot (the account's only one) came back: the next task runs
+        assert wait_final(acme, submit(acme, provider=provider, prompt="next")["id"]
+                          )["status"] == "SUCCESS"
+        metrics = acme.get("/metrics").text
+    assert f'receiver_reconciler_polls_total{{provider="{provider}",result="unknown"}}' in metrics
