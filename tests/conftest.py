@@ -305,5 +305,31 @@ def sim_stats(simulator: LiveServer) -> dict[str, Any]:
     return stats
 
 
+def sim_tasks(simulator: LiveServer) -> list[dict[str, Any]]:
+    tasks: list[dict[str, Any]] = httpx.get(f"{simulator.url}/_sim/tasks").json()["tasks"]
+    return tasks
+
+
+def every_value(r: redis.Redis) -> bytes:
+    """Every key and every value in Redis, as one blob to search."""
+    out: list[bytes] = []
+    for key in r.scan_iter(count=1000):
+        kind = r.type(key)
+        out.append(key)
+        if kind == b"string":
+            out.append(r.get(key) or b"")
+        elif kind == b"hash":
+            out += [b for pair in r.hgetall(key).items() for b in pair]
+        elif kind == b"stream":
+            out += [b for _, fields in r.xrange(key) for pair in fields.items() for b in pair]
+        elif kind == b"zset":
+            out += r.zrange(key, 0, -1)
+        elif kind == b"list":
+            out += r.lrange(key, 0, -1)
+        elif kind == b"set":
+            out += list(r.smembers(key))
+    return b"\n".join(out)
+
+
 def faults(simulator: LiveServer, **changes: Any) -> None:
     httpx.post(f"{simulator.url}/_sim/faults", json=changes).raise_for_status()

@@ -9,7 +9,7 @@ import orjson
 import redis
 
 from receiver.tokens import CallbackClaims, TokenSigner
-from tests.conftest import KEYS, LiveServer, history, mint, sample
+from tests.conftest import KEYS, LiveServer, every_value, history, mint, sample
 
 
 def progress(task_id: str, pct: int) -> bytes:
@@ -196,27 +196,6 @@ def test_callback_for_a_job_whose_record_is_gone_recreates_it(
     assert acme.post(url, content=sample("mjproxy-success.json")).status_code == 200
     task = acme.get(f"/tasks/{job}").json()
     assert (task["status"], task["tenant"], task["provider"]) == ("SUCCESS", "acme", "mjproxy")
-
-
-def every_value(r: redis.Redis) -> bytes:
-    """Every key and every value in Redis, as one blob to search."""
-    out = []
-    for key in r.scan_iter(count=1000):
-        kind = r.type(key)
-        out.append(key)
-        if kind == b"string":
-            out.append(r.get(key) or b"")
-        elif kind == b"hash":
-            out += [b for pair in r.hgetall(key).items() for b in pair]
-        elif kind == b"stream":
-            out += [b for _, fields in r.xrange(key) for pair in fields.items() for b in pair]
-        elif kind == b"zset":
-            out += r.zrange(key, 0, -1)
-        elif kind == b"list":
-            out += r.lrange(key, 0, -1)
-        elif kind == b"set":
-            out += list(r.smembers(key))
-    return b"\n".join(out)
 
 
 def test_no_callback_token_is_stored_when_the_provider_echoes_it(

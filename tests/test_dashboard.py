@@ -12,7 +12,15 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from receiver.simulator import SimulatorConfig
-from tests.conftest import LiveServer, Stack, mint, submit, wait_final
+from tests.conftest import (
+    LiveServer,
+    Stack,
+    mint,
+    sim_stats,
+    sim_tasks,
+    submit,
+    wait_final,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -53,7 +61,7 @@ def rows(page: Page) -> list[str]:
 
 
 def test_submit_see_the_bar_reach_100_then_press_u1(stack: Stack, page: Page) -> None:
-    receiver, _ = stack(sim=SLOW)
+    receiver, simulator = stack(sim=SLOW)
     page.goto(receiver.url)
     page.get_by_label("API key").fill("wrong")
     page.get_by_role("button", name="Sign in").click()
@@ -79,11 +87,22 @@ def test_submit_see_the_bar_reach_100_then_press_u1(stack: Stack, page: Page) ->
     expect(child.get_by_role("button", name="Zoom Out 2x")).to_be_visible()
     expect(child.get_by_role("button", name="Pan left")).to_be_visible()  # emoji-only, named
     expect(row.get_by_role("button", name="Reroll")).to_be_visible()
+    expect(child.get_by_role("button", name="Vary (Region)")).to_be_disabled()  # a mask: API
+
+    # Custom Zoom opens Midjourney's dialog: its prompt asked here, sent through trueai's
+    # /mj/submit/modal by the dispatcher
+    page.once("dialog", lambda dialog: dialog.accept("a red fox in the snow --zoom 1.5"))
+    child.get_by_role("button", name="Custom Zoom").click()
+    zoom = page.locator("li.task").first
+    expect(zoom.locator(".what")).to_have_text("ZOOM", timeout=10_000)
+    expect(zoom).to_have_attribute("data-status", "SUCCESS", timeout=15_000)
     ids = rows(page)
-    assert len(ids) == 2 == len(set(ids))
+    assert len(ids) == 3 == len(set(ids))
+    zoomed = next(t for t in sim_tasks(simulator) if t["action"] == "ZOOM")
+    assert zoomed["modal"]["prompt"] == "a red fox in the snow --zoom 1.5"
 
     page.get_by_label("Show").select_option("SUCCESS")
-    expect(page.locator("#count")).to_have_text("2 of 2")
+    expect(page.locator("#count")).to_have_text("3 of 3")
 
     DOCS.mkdir(exist_ok=True)
     page.get_by_label("Show").select_option("")
@@ -92,6 +111,25 @@ def test_submit_see_the_bar_reach_100_then_press_u1(stack: Stack, page: Page) ->
     page.screenshot(path=str(DOCS / "dashboard-phone.png"), full_page=True)
     # nothing wider than the phone's screen
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_novicezk_grids_get_the_same_buttons(stack: Stack, page: Page) -> None:
+    # novicezk has no buttons: its U1-U4, reroll, V1-V4 are named in our dialect, and
+    # pressed through /mj/submit/change
+    receiver, simulator = stack(sim=SimulatorConfig(step_interval=0.05, seed=22),
+                                flavor="novicezk")
+    sign_in(page, receiver)
+    page.get_by_label("Prompt").fill("a red fox")
+    page.get_by_role("button", name="Submit").click()
+    row = page.locator("li.task").first
+    expect(row).to_have_attribute("data-status", "SUCCESS", timeout=15_000)
+    expect(row.get_by_role("button", name="Reroll")).to_be_visible()
+    row.get_by_role("button", name="V2", exact=True).click()
+    child = page.locator("li.task").first
+    expect(child.locator(".what")).to_have_text("VARIATION", timeout=10_000)
+    expect(child).to_have_attribute("data-status", "SUCCESS", timeout=15_000)
+    expect(child.get_by_role("button", name="U4", exact=True)).to_be_visible()
+    assert sim_stats(simulator)["by_route"]["mjproxy"].get("change") == 1
 
 
 def test_a_restart_mid_task_loses_and_doubles_no_row(stack: Stack, page: Page) -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
-import httpx
 import pytest
 import redis
 from starlette.applications import Starlette
@@ -23,8 +21,10 @@ from tests.conftest import (
     LiveServer,
     Stack,
     base_settings,
+    every_value,
     faults,
     sim_stats,
+    sim_tasks,
     submit,
     wait_final,
 )
@@ -33,13 +33,9 @@ PNG_DATA_URL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfF
                 "nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg==")
 
 
-def sim_tasks(simulator: LiveServer) -> list[dict[str, Any]]:
-    tasks: list[dict[str, Any]] = httpx.get(f"{simulator.url}/_sim/tasks").json()["tasks"]
-    return tasks
-
-
 @pytest.mark.parametrize("flavor", ["trueai", "novicezk"])
-def test_imagine_then_every_grid_button_describe_and_blend(stack: Stack, flavor: str) -> None:
+def test_imagine_then_every_grid_button_describe_and_blend(
+        stack: Stack, r: redis.Redis, flavor: str) -> None:
     receiver, simulator = stack(flavor=flavor)
     image = f"{simulator.url}/images/input.png"  # fetched and sent as a data URL
     with receiver.client("key-acme") as acme:
@@ -62,8 +58,13 @@ def test_imagine_then_every_grid_button_describe_and_blend(stack: Stack, flavor:
     describe = done["DESCRIBE"]
     assert "1️⃣" in describe["final_prompt"]  # the described text
     assert describe["image_url"] is None and describe["prompt"] is None  # not the input image
-    sent = {t["action"] for t in sim_tasks(simulator)}
-    assert {"IMAGINE", "UPSCALE", "VARIATION", "DESCRIBE", "BLEND"} <= sent
+    sent = sim_tasks(simulator)
+    assert {"IMAGINE", "UPSCALE", "VARIATION", "DESCRIBE", "BLEND"} <= {t["action"] for t in sent}
+    # every callback echoed its URL (properties.notifyHook): no token reached Redis
+    tokens = {t["callback_url"].partition("token=")[2].encode() for t in sent}
+    assert len(tokens) == len(sent) and all(tokens)
+    blob = every_value(r)
+    assert b"token=[redacted]" in blob and not any(token in blob for token in tokens)
 
 
 def test_novicezk_has_no_modes(stack: Stack) -> None:

@@ -204,7 +204,13 @@ function render(row, task) {
     el.type = "button";
     el.textContent = button.label || buttonName(button.custom_id) || button.emoji;
     el.title = button.custom_id;
-    el.addEventListener("click", () => act(task, button, el));
+    if (button.custom_id.startsWith("MJ::Inpaint::")) {
+      // Vary (Region) needs a mask drawn on the image: only the API takes one ("mask")
+      el.disabled = true;
+      el.title = "Vary (Region) needs a mask: POST /tasks with \"mask\"";
+    } else {
+      el.addEventListener("click", () => act(task, button, el));
+    }
     return el;
   }));
 }
@@ -267,11 +273,17 @@ $("submit-form").addEventListener("submit", async (event) => {
 });
 
 async function act(task, button, el) {
+  const body = { provider: task.provider, parent_id: task.id, custom_id: button.custom_id };
+  if (button.custom_id.startsWith("MJ::CustomZoom::")) {
+    // Midjourney's dialog: the prompt again, with the zoom (--zoom 1 to 2)
+    const prompt = window.prompt("Custom Zoom: the prompt, with --zoom 1 to 2",
+      `${task.final_prompt || task.prompt || ""} --zoom 1.5`.trim());
+    if (prompt === null) return;
+    body.prompt = prompt;
+  }
   el.disabled = true;
   try {
-    upsert(await api("/tasks", {
-      method: "POST", body: { provider: task.provider, parent_id: task.id, custom_id: button.custom_id },
-    }));
+    upsert(await api("/tasks", { method: "POST", body }));
     hideMessage();
   } catch (error) {
     showMessage(error.message);
