@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -12,13 +15,16 @@ from receiver.auth import authenticate
 from receiver.callbacks import read_body
 from receiver.constants import JOB_ID_RE
 from receiver.dialects import DIALECTS
-from receiver.errors import BadRequest, NotFound, StoreUnavailable
+from receiver.errors import BadRequest, NotFound, StoreUnavailable, Unauthorized
 from receiver.limits import check_depth
 from receiver.models import TaskStatus, new_job_id
 from receiver.services import Services, services
+from receiver.settings import Settings
 from receiver.tokens import CallbackClaims, SubscribeClaims
 
 MAX_PAGE = 200
+# A mint's body is a few short fields (a prompt: 8 KiB at most): no need for MAX_BODY_BYTES.
+MAX_MINT_BODY = 32 * 1024
 
 
 class JSONResponse(Response):
@@ -40,12 +46,32 @@ async def task_or_404(svc: Services, tenant: str, job_id: str) -> bytes:
     return task
 
 
+class UntrustedHost(BadRequest):
+    code = "untrusted_host"
+
+
+def callback_base(request: Request, settings: Settings) -> str:
+    """What a minted callback URL starts with: PUBLIC_BASE_URL, else the request's own
+    address if its host is trusted (TRUSTED_HOSTS, loopback names by default). The Host
+    header is the client's to write: a URL formed from ``Host: evil.example`` would send the
+    provider's callbacks, token and all, to evil.example."""
+    if settings.public_base_url:
+        return settings.public_base_url.rstrip("/")
+    host = (request.url.hostname or "").lower()
+    if host not in settings.trusted_hosts:
+        raise UntrustedHost(
+            f"callback URLs are not formed from the Host {host[:80]!r} (not in TRUSTED_HOSTS)"
+            ": set PUBLIC_BASE_URL to the address providers reach this service at")
+    return str(request.base_url).rstrip("/")
+
+
 async def create_callback_url(request: Request) -> Response:
     """Mint a signed callback URL for a task the tenant submits elsewhere, and record the
     task (NOT_START) so its callbacks, and readers, find it."""
     tenant = authenticate(request)
     svc = services(request)
-    body = await json_object(request)
+    svc.mint_limiter.take(tenant, "callback URLs minted")
+    body = await json_object(request, MAX_MINT_BODY)
     provider = body.get("provider")
     if not isinstance(provider, str) or provider not in DIALECTS:
         raise BadRequest(f"'provider' must be one of {sorted(DIALECTS)}")
@@ -60,10 +86,21 @@ async def create_callback_url(request: Request) -> Response:
                 if not value:
                     raise BadRequest(f"{name!r} must not be empty")
             fields[name] = value
+    base = callback_base(request, svc.settings)
     claims = CallbackClaims(new_job_id(), tenant, provider)
-    outcome = await svc.store.create(claims, **fields)
+    ptid = fields.get("provider_task_id")
+    if ptid is None:
+        outcome = await svc.store.create(claims, **fields)
+    else:  # the id is the first task's (see `claims`)
+        member = f"{tenant}/{claims.job_id}"
+        await svc.claims.claim(provider, ptid, member)
+        try:
+            outcome = await svc.store.create(claims, claimed=True, **fields)
+        except BaseException:
+            with contextlib.suppress(RedisError):
+                await svc.claims.release(provider, ptid, member)
+            raise
     token = svc.signer.mint_callback(claims)
-    base = (svc.settings.public_base_url or str(request.base_url)).rstrip("/")
     assert outcome.data is not None  # a fresh job id cannot exist already
     return JSONResponse(
         b'{"job_id":"%s","callback_url":%s,"task":%s}' % (
@@ -80,7 +117,8 @@ async def create_subscribe_token(request: Request) -> Response:
     Authorization header): for every task of the tenant, or for one (``task_id``)."""
     tenant = authenticate(request)
     svc = services(request)
-    body = await json_object(request)
+    svc.mint_limiter.take(tenant, "subscribe tokens minted")
+    body = await json_object(request, MAX_MINT_BODY)
     task_id = body.get("task_id")
     if task_id is not None:
         if not isinstance(task_id, str) or not JOB_ID_RE.match(task_id):
@@ -129,9 +167,20 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+class MetricsTokenRequired(Unauthorized):
+    code = "metrics_token_required"
+
+
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics; what Redis holds (queue depth, slots) is read now."""
+    """Prometheus metrics; what Redis holds (queue depth, slots) is read now. With
+    METRICS_TOKEN set, only for ``Authorization: Bearer <METRICS_TOKEN>``."""
     svc = services(request)
+    token = svc.settings.metrics_token
+    if token is not None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), str(token).encode()):
+            raise MetricsTokenRequired("send 'Authorization: Bearer <METRICS_TOKEN>'")
     for name, account in svc.settings.accounts.items():
         waiting, held = await svc.admission.depth(name)
         svc.metrics.queue_depth.labels(name).set(waiting)
@@ -149,11 +198,13 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-async def json_object(request: Request) -> dict[str, Any]:
-    """The request's JSON object, within the body size, time and depth limits."""
+async def json_object(request: Request, limit: int | None = None) -> dict[str, Any]:
+    """The request's JSON object, within the body size (MAX_BODY_BYTES, or ``limit`` if
+    smaller), time and depth limits."""
     settings = services(request).settings
-    raw = await read_body(request.receive, request.headers.get("content-length"),
-                          settings.max_body_bytes, settings.body_timeout)
+    limit = min(limit or settings.max_body_bytes, settings.max_body_bytes)
+    raw = await read_body(request.receive, request.headers.get("content-length"), limit,
+                          settings.body_timeout)
     if raw is None:
         raise ClientDisconnect()
     check_depth(raw, settings.max_json_depth)

@@ -74,7 +74,12 @@ async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive,
             return "verifying"
         update = checked
     started = perf_counter()
-    outcome = await svc.store.apply(claims, update)
+    outcome = await svc.store.apply(claims, update, enforce=True)
+    if outcome.result == "unclaimed":  # it would bind the task: only with the id's claim
+        assert update.provider_task_id is not None
+        await svc.claims.claim(provider, update.provider_task_id,
+                               f"{claims.tenant}/{claims.job_id}")
+        outcome = await svc.store.apply(claims, update, claimed=True, enforce=True)
     svc.metrics.transition_seconds.observe(perf_counter() - started)
     if outcome.result == "conflict":
         raise WrongJob("this token's job is bound to another provider task")

@@ -146,6 +146,9 @@ def serve(args: argparse.Namespace) -> int:
             "receiver.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, access_log=not args.no_access_log,
             timeout_graceful_shutdown=10, http=StreamProtocol,
+            # X-Forwarded-For and -Proto only from the proxies named (none: ignored)
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=list(settings.trusted_proxies) or None,
             log_config=log_config(settings.log_format == "json"),
         )
     finally:

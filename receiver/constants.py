@@ -85,6 +85,16 @@ class Keys:
         counters (in the tenant's slot, so the transition script refunds atomically)."""
         return f"{self.prefix}:usage:{{{tenant}}}"
 
+    def quota(self, tenant: str) -> str:
+        """Hash: what the tenant wrote, by time bucket: ``t<bucket>`` tasks created,
+        ``b<bucket>`` bytes (see `store.TaskStore`, which checks it against the quotas)."""
+        return f"{self.prefix}:quota:{{{tenant}}}"
+
+    def claim(self, provider: str, provider_task_id: str) -> str:
+        """String: ``tenant/job``, the task that holds a provider task id (see `claims`).
+        No hash tag: claims spread over a cluster's slots."""
+        return f"{self.prefix}:claim:{provider}:{provider_task_id}"
+
     # A provider account's keys share the account as hash tag: the admission script touches
     # its queue and its slots together.
 

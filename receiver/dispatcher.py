@@ -152,6 +152,8 @@ class Dispatcher:
                 return
             metrics.submissions.labels(account.provider, "accepted").inc()
             self._delay[account.name] = 0.0
+            if provider_task_id:  # ours, whoever claimed the id before (see `claims`)
+                await svc.claims.take(account.provider, provider_task_id, str(member))
             await svc.store.submitted(claims, Update(
                 TaskStatus.SUBMITTED, provider_task_id=provider_task_id,
                 submitted_at=now_iso()))

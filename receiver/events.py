@@ -142,6 +142,8 @@ class EventHub:
         self.queue_limit = queue_limit
         self.ping_interval = ping_interval  # for the clients whose connection is their Sink
         self.subscriptions: dict[str, set[Subscription]] = {}
+        # tenant -> places taken by requests not yet subscribed (see `reserve`)
+        self.reserved: dict[str, int] = {}
         self.dropped = 0  # clients cut off for falling behind
         self.closing = False  # shutting down: new streams end at once
         self._pubsub: PubSub | None = None
@@ -187,15 +189,36 @@ class EventHub:
         self.closing = True
         self.cut_all()
 
+    def reserve(self, tenant: str, limit: int) -> bool:
+        """Takes one of the tenant's ``limit`` places (0: no limit) before the request awaits
+        anything, or False if all are taken. Counting subscriptions alone raced: thousands of
+        requests passed the check while each awaited its task's lookup. The place is handed
+        to the subscription (``subscribe(..., reserved=True)``) or given back (`unreserve`)."""
+        held = self.reserved.get(tenant, 0)
+        if limit and held + len(self.subscriptions.get(tenant, ())) >= limit:
+            return False
+        self.reserved[tenant] = held + 1
+        return True
+
+    def unreserve(self, tenant: str) -> None:
+        held = self.reserved.get(tenant, 0) - 1
+        if held > 0:
+            self.reserved[tenant] = held
+        else:
+            self.reserved.pop(tenant, None)
+
     @asynccontextmanager
-    async def subscribe(self, tenant: str, task_id: str | None = None
+    async def subscribe(self, tenant: str, task_id: str | None = None, reserved: bool = False
                         ) -> AsyncIterator[Subscription]:
         """A client's subscription, live once this returns: what is published later reaches
-        it; what was published before is in the stream, which the caller reads next."""
+        it; what was published before is in the stream, which the caller reads next.
+        ``reserved``: the caller holds a place from `reserve`, which this takes over."""
         sub = Subscription(tenant, task_id, self.queue_limit)
         if self.closing:
             sub.cut()
         self.subscriptions.setdefault(tenant, set()).add(sub)
+        if reserved:
+            self.unreserve(tenant)
         try:
             await self._listen(tenant)
             yield sub

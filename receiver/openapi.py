@@ -78,6 +78,12 @@ _UNAVAILABLE = {"503": _error("store_unavailable: Redis could not store or read 
 _TENANT_ERRORS = {**_AUTH_ERRORS, **_UNAVAILABLE}
 _RATE_LIMITED = {"429": _error("rate_limited: too many requests; retry after Retry-After",
                                _RETRY_AFTER)}
+_QUOTA = {"507": _error("storage_quota: the tenant wrote TENANT_MAX_BYTES in the last "
+                        "TASK_TTL (Retry-After: when the oldest writes leave the count)",
+                        _RETRY_AFTER)}
+_TASK_QUOTA = ("task_quota: the tenant created TENANT_MAX_TASKS tasks in the last TASK_TTL "
+               "(Retry-After: when the oldest of them leave the count)")
+_CLAIMED = "provider_task_claimed: another task holds that provider task id"
 _BODY_ERRORS = {
     "400": _error("bad_request: the body is not a JSON object, or a field is not valid"),
     "408": _error("body_timeout: the body did not arrive in time"),
@@ -502,9 +508,11 @@ SCHEMA: dict[str, Any] = {
                                   "wrong_job: the job is bound to another provider task"),
                     "404": _error("unknown_provider: no such provider"),
                     "408": _BODY_ERRORS["408"],
+                    "409": _error(f"{_CLAIMED}: nothing stored"),
                     "413": _BODY_ERRORS["413"],
                     "429": _error("rate_limited: too many callbacks for this task; retry "
-                                  "after Retry-After", _RETRY_AFTER),
+                                  f"after Retry-After; {_TASK_QUOTA}", _RETRY_AFTER),
+                    **_QUOTA,
                     "503": _error("store_unavailable: Redis could not store it; retry "
                                   "(nothing was acknowledged)", _RETRY_AFTER),
                 },
@@ -522,6 +530,13 @@ SCHEMA: dict[str, Any] = {
                 "responses": {
                     "201": _ok("The job and its callback URL", "CallbackUrl"),
                     **_BODY_ERRORS,
+                    "400": _error("bad_request: the body is not a JSON object, or a field is "
+                                  "not valid; untrusted_host: no PUBLIC_BASE_URL and a Host "
+                                  "not in TRUSTED_HOSTS"),
+                    "409": _error(_CLAIMED),
+                    "429": _error("rate_limited: too many mints (MINT_RATE); retry after "
+                                  f"Retry-After; {_TASK_QUOTA}", _RETRY_AFTER),
+                    **_QUOTA,
                     **_TENANT_ERRORS,
                 },
             }
@@ -564,8 +579,12 @@ SCHEMA: dict[str, Any] = {
                     "404": _error("task_not_found: no parent task for this tenant; "
                                   "unknown_parent: the parent has no such button"),
                     "409": _error("mode_mismatch: a mode other than the parent's; "
-                                  "parent_not_ready: the parent has not succeeded"),
-                    **_RATE_LIMITED,
+                                  "parent_not_ready: the parent has not succeeded; "
+                                  "parent_not_submitted_here: the parent came through "
+                                  "POST /callback-urls, not POST /tasks"),
+                    "429": _error("rate_limited: too many submissions (SUBMIT_RATE); retry "
+                                  f"after Retry-After; {_TASK_QUOTA}", _RETRY_AFTER),
+                    **_QUOTA,
                     **_TENANT_ERRORS,
                 },
             },
@@ -648,6 +667,8 @@ SCHEMA: dict[str, Any] = {
                     "201": _ok("The token and the events URL to use it on", "SubscribeToken"),
                     **_BODY_ERRORS,
                     "404": _error("task_not_found: no such task for this tenant"),
+                    "429": _error("rate_limited: too many mints (MINT_RATE); retry after "
+                                  "Retry-After", _RETRY_AFTER),
                     **_TENANT_ERRORS,
                 },
             }
@@ -701,6 +722,8 @@ SCHEMA: dict[str, Any] = {
             "responses": {
                 "200": {"description": "Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "401": _error("metrics_token_required: METRICS_TOKEN is set and the "
+                              "request does not carry it as a bearer token"),
                 "503": _error("store_unavailable: Redis does not answer (queue depths are "
                               "read from it)", _RETRY_AFTER),
             },

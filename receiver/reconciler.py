@@ -139,7 +139,7 @@ class Reconciler:
 
     async def _store(self, account: ProviderAccount, member: Member, update: Update) -> None:
         claims = CallbackClaims(member.job_id, member.tenant, account.provider)
-        outcome = await self.svc.store.apply(claims, update)
+        outcome = await self.svc.store.apply(claims, update, claimed=True)
         self.metrics.polls.labels(account.provider,
                                   "stored" if outcome.stored else "unchanged").inc()
         if update.status in _QUEUED:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
@@ -12,11 +13,12 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.connection import parse_url
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 from starlette.requests import Request
 
 from receiver.admission import Admission
 from receiver.batcher import ClusterBatcher, ScriptBatcher, node_url
+from receiver.claims import ClaimRegistry
 from receiver.events import EventHub
 from receiver.limits import RateLimiter
 from receiver.metrics import Metrics
@@ -25,6 +27,10 @@ from receiver.providers import CLIENTS, MjproxyClient, ProviderClient
 from receiver.settings import ProviderAccount, Settings
 from receiver.store import TRANSITION, TaskStore
 from receiver.tokens import TokenSigner
+
+log = logging.getLogger("receiver")
+# maxmemory policies that never remove a key to make room (the others may evict a task)
+_KEEPS_KEYS = (b"noeviction", "noeviction")
 
 
 @dataclass
@@ -41,9 +47,12 @@ class Services:
     metrics: Metrics
     # pub/sub's connections (`redis` itself, unless that is a Redis Cluster client)
     pubsub: Redis
-    # abuse limits, per process: callbacks per task, submissions per tenant
+    # abuse limits, per process: callbacks per task, submissions and mints per tenant
     callback_limiter: RateLimiter
     submit_limiter: RateLimiter
+    mint_limiter: RateLimiter
+    # who holds which provider task id
+    claims: ClaimRegistry
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -78,6 +87,9 @@ class Services:
             pubsub=pubsub,
             callback_limiter=RateLimiter(settings.callback_rate, settings.callback_burst),
             submit_limiter=RateLimiter(settings.submit_rate, settings.submit_burst),
+            mint_limiter=RateLimiter(settings.mint_rate, settings.mint_burst),
+            claims=ClaimRegistry(redis, store.keys,
+                                 settings.task_ttl + settings.callback_token_ttl),
             admission=Admission(redis, store.keys, pubsub),
             prices=PriceTable.load(settings.prices_file),
             clients={name: client(account) for name, account in settings.accounts.items()},
@@ -88,6 +100,20 @@ class Services:
         if isinstance(self.redis, RedisCluster):
             await self.redis.initialize()  # the slot map, before the first routed call
         await self.hub.start()
+        await self._check_eviction()
+
+    async def _check_eviction(self) -> None:
+        """Warns when Redis may evict keys under memory pressure: an evicted task is an
+        acknowledged callback lost. (A managed Redis may refuse CONFIG: then say nothing.)"""
+        try:
+            policy = (await self.redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except RedisError:
+            return
+        if isinstance(policy, bytes | str) and policy not in _KEEPS_KEYS:
+            log.warning(
+                "Redis's maxmemory-policy is %r: when full it evicts keys, tasks and their "
+                "histories among them; set it to noeviction (a full Redis then refuses "
+                "writes, which callers see as 503 and retry)", _text(policy))
 
     async def close(self) -> None:
         await self.hub.close()  # ends every SSE stream of this process
@@ -97,6 +123,10 @@ class Services:
         await self.redis.aclose()
         if self.pubsub is not self.redis:
             await self.pubsub.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def client(account: ProviderAccount) -> ProviderClient:

@@ -113,6 +113,23 @@ class Settings:
     sse_max_per_tenant: int = 500
     max_json_depth: int = 32
     body_timeout: float = 10.0
+    # Every connection: seconds to send a request's head (line and headers), and its size at
+    # most (past it: 431).
+    head_timeout: float = 10.0
+    max_head_bytes: int = 32 * 1024
+    # Minting (POST /callback-urls and /subscribe-tokens) per tenant per second, bursts.
+    mint_rate: float = 20.0
+    mint_burst: float = 100.0
+    # What one tenant may keep in the shared Redis (0: no limit): tasks created, and bytes
+    # written (snapshots, histories, raw payloads), within the last TASK_TTL.
+    tenant_max_tasks: int = 100_000
+    tenant_max_bytes: int = 1024 * 1024 * 1024
+    # Host names a request may use to form callback URLs when PUBLIC_BASE_URL is unset; the
+    # proxies whose X-Forwarded-For and -Proto are believed (uvicorn's forwarded_allow_ips).
+    trusted_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    trusted_proxies: tuple[str, ...] = ()
+    # When set, GET /metrics wants "Authorization: Bearer <token>".
+    metrics_token: Secret | None = None
     # Origins whose pages may call the API from a browser (the dashboard needs none).
     cors_origins: tuple[str, ...] = ()
 
@@ -168,6 +185,18 @@ class Settings:
             sse_max_per_tenant=config("SSE_MAX_PER_TENANT", cast=int, default=500),
             max_json_depth=config("MAX_JSON_DEPTH", cast=int, default=32),
             body_timeout=config("BODY_TIMEOUT", cast=float, default=10.0),
+            head_timeout=config("HEAD_TIMEOUT", cast=float, default=10.0),
+            max_head_bytes=config("MAX_HEAD_BYTES", cast=int, default=32 * 1024),
+            mint_rate=config("MINT_RATE", cast=float, default=20.0),
+            mint_burst=config("MINT_BURST", cast=float, default=100.0),
+            tenant_max_tasks=config("TENANT_MAX_TASKS", cast=int, default=100_000),
+            tenant_max_bytes=config("TENANT_MAX_BYTES", cast=int, default=1024 * 1024 * 1024),
+            trusted_hosts=tuple(h.strip().lower().strip("[]") for h in config(
+                "TRUSTED_HOSTS", cast=CommaSeparatedStrings,
+                default="localhost,127.0.0.1,::1") if h.strip()),
+            trusted_proxies=tuple(h.strip() for h in config(
+                "TRUSTED_PROXIES", cast=CommaSeparatedStrings, default="") if h.strip()),
+            metrics_token=config("METRICS_TOKEN", cast=Secret, default=None) or None,
             cors_origins=tuple(config("CORS_ORIGINS", cast=CommaSeparatedStrings,
                                       default="")),
         )

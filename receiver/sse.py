@@ -44,29 +44,37 @@ class WrongTask(Forbidden):
 async def task_events(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     tenant = authenticate_events(request, job_id)
-    svc = services(request)
-    _room_for(svc, tenant)
-    task = await task_or_404(svc, tenant, job_id)
     last = _last_event_id(request)
-    if last and TaskStatus(orjson.loads(task)["status"]).terminal:
-        latest = await svc.redis.xrevrange(svc.store.keys.history(tenant, job_id), count=1)
-        if latest and event_key(last) >= event_key(latest[0][0].decode()):
-            # The client has seen the end (an EventSource reconnects by itself after every
-            # close); 204 is the standard way to tell it to stop.
-            return Response(status_code=204)
+    svc = services(request)
+    _reserve(svc, tenant)
+    try:
+        task = await task_or_404(svc, tenant, job_id)
+        if last and TaskStatus(orjson.loads(task)["status"]).terminal:
+            latest = await svc.redis.xrevrange(svc.store.keys.history(tenant, job_id), count=1)
+            if latest and event_key(last) >= event_key(latest[0][0].decode()):
+                # The client has seen the end (an EventSource reconnects by itself after
+                # every close); 204 is the standard way to tell it to stop.
+                svc.hub.unreserve(tenant)
+                return Response(status_code=204)
+    except BaseException:
+        svc.hub.unreserve(tenant)
+        raise
     return _Asgi(EventStream(svc, tenant, job_id, last))
 
 
 async def tenant_events(request: Request) -> Response:
     tenant = authenticate_events(request, None)
+    last = _last_event_id(request)
     svc = services(request)
-    _room_for(svc, tenant)
-    return _Asgi(EventStream(svc, tenant, None, _last_event_id(request)))
+    _reserve(svc, tenant)
+    return _Asgi(EventStream(svc, tenant, None, last))
 
 
-def _room_for(svc: Services, tenant: str) -> None:
+def _reserve(svc: Services, tenant: str) -> None:
+    """A place among the tenant's streams, taken before the first await (see
+    `EventHub.reserve`); the `EventStream` takes it over."""
     limit = svc.settings.sse_max_per_tenant
-    if limit and len(svc.hub.subscriptions.get(tenant, ())) >= limit:
+    if not svc.hub.reserve(tenant, limit):
         raise TooManyRequests(f"this tenant has {limit} event streams open here already",
                               svc.settings.sse_retry_ms / 1000)
 
@@ -104,9 +112,10 @@ class _Asgi(Response):
 
 class EventStream:
     """The SSE response: one loop per client, plus one small task that waits for the
-    disconnect. sse-starlette's EventSourceResponse (four tasks and their events per client,
-    a cancel scope per send) measured 46 KiB and ~258 tracked objects per idle client, and
-    long garbage-collector pauses at 10,000 of them (BENCHMARKS.md); this keeps an idle
+    disconnect; it hands the place `_reserve` took to its subscription. sse-starlette's
+    EventSourceResponse (four tasks and their events per client, a cancel scope per send)
+    measured 46 KiB and ~258 tracked objects per idle client, and long garbage-collector
+    pauses at 10,000 of them (BENCHMARKS.md); this keeps an idle
     client to its subscription, one future and one timer.
 
     Served by `listener.StreamProtocol` (``receiver serve``), it does less: once history is
@@ -118,7 +127,7 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.svc.settings
-        async with self.svc.hub.subscribe(self.tenant, self.task_id) as sub:
+        async with self.svc.hub.subscribe(self.tenant, self.task_id, reserved=True) as sub:
 
             async def until_gone() -> None:
                 while (await receive())["type"] != "http.disconnect":

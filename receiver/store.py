@@ -9,6 +9,7 @@ history, write the task, update the indexes and publish. See ARCHITECTURE.md.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, NamedTuple
 
 import orjson
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 
 from receiver.batcher import ClusterBatcher, ScriptBatcher
 from receiver.constants import FIELD_DEFAULTS, TASK_FIELDS, Keys
+from receiver.errors import ReceiverError
 from receiver.models import (
     EVENT_OF_STATUS,
     RANK_INFERRED_FAILURE,
@@ -43,6 +45,10 @@ local op, new_rank, status, kind, ptid = ARGV[1], tonumber(ARGV[2]), ARGV[3], AR
 -- charged and refunded ('2'), q: the request to send.
 local cur = redis.call('HMGET', KEYS[1], 'r', 's', 'p', 'v', 'c', 'a')
 local exists = cur[1] ~= false
+-- A provider task id binds a task only once its claim is held (see claims.py).
+if ptid ~= '' and ARGV[18] ~= '1' and not cur[3] and not (exists and op == 'create') then
+  return {'unclaimed'}
+end
 local charged = cur[5]
 local function billing()
   local b = redis.call('HGET', KEYS[1], 'b')
@@ -112,6 +118,32 @@ local parts = {}
 for i = 1, N do parts[2 * i - 1] = NAMES[i]; parts[2 * i] = vals[i] end
 local data = table.concat(parts) .. ',"event":"' .. kind .. '","event_id":"' .. id .. '"}'
 
+-- The tenant's quotas: tasks created and bytes written in the last TASK_TTL, counted in
+-- time buckets (a hash field each; the window is the last 8 buckets).
+local bucket = tonumber(ARGV[19])
+if bucket > 0 then
+  local fields = {}
+  for b = bucket - 7, bucket do fields[#fields + 1] = 't' .. b; fields[#fields + 1] = 'b' .. b end
+  local got = redis.call('HMGET', KEYS[7], unpack(fields))
+  local tasks, bytes = 0, 0
+  for i = 1, #got, 2 do
+    tasks = tasks + (tonumber(got[i]) or 0); bytes = bytes + (tonumber(got[i + 1]) or 0)
+  end
+  local size = #ARGV[6] + 3 * #data
+  for i = 23, #ARGV do size = size + #ARGV[i] end
+  local max_tasks, max_bytes = tonumber(ARGV[20]), tonumber(ARGV[21])
+  if not exists and max_tasks > 0 and tasks >= max_tasks then return {'quota', 'tasks'} end
+  if max_bytes > 0 and bytes + size > max_bytes then return {'quota', 'bytes'} end
+  if not exists then
+    redis.call('HINCRBY', KEYS[7], 't' .. bucket, 1)
+    local old = {}
+    for b = bucket - 15, bucket - 8 do old[#old + 1] = 't' .. b; old[#old + 1] = 'b' .. b end
+    redis.call('HDEL', KEYS[7], unpack(old))
+  end
+  redis.call('HINCRBY', KEYS[7], 'b' .. bucket, size)
+  redis.call('EXPIRE', KEYS[7], ARGV[22])
+end
+
 -- The XADDs go first: they are the only writes that could refuse, and a script that fails
 -- part way keeps what it already wrote.
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], id, 'event', kind, 'data', data)
@@ -124,8 +156,8 @@ if ptid ~= '' then
 else
   redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored)
 end
-if op == 'create' and #ARGV > 17 then  -- the submitter's control fields
-  redis.call('HSET', KEYS[1], unpack(ARGV, 18))
+if op == 'create' and #ARGV > 22 then  -- the submitter's control fields
+  redis.call('HSET', KEYS[1], unpack(ARGV, 23))
 end
 -- Refund a charged task that fails, where the provider refunds; take the refund back when a
 -- provider SUCCESS replaces a failure we inferred.
@@ -174,7 +206,7 @@ _INDEX_BYTES = {name: b"%d" % i for name, i in _INDEX.items()}
 
 
 class Outcome(NamedTuple):
-    # stored | duplicate | stale | exists | conflict
+    # stored | duplicate | stale | exists | conflict | unclaimed
     result: str
     version: int | None = None
     event_id: str | None = None
@@ -184,6 +216,27 @@ class Outcome(NamedTuple):
     @property
     def stored(self) -> bool:
         return self.result == "stored"
+
+
+class QuotaExceeded(ReceiverError):
+    """The tenant's quota is spent until its oldest bucket leaves the window."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class TaskQuotaExceeded(QuotaExceeded):
+    status_code = 429
+    code = "task_quota"
+
+
+class StorageQuotaExceeded(QuotaExceeded):
+    status_code = 507
+    code = "storage_quota"
 
 
 class TaskStore:
@@ -198,70 +251,100 @@ class TaskStore:
             str(settings.task_history_maxlen).encode(),
             str(settings.task_ttl).encode(),
         ]
-        self._tenant_keys: dict[str, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
+        self._tenant_keys: dict[str, tuple[bytes, ...]] = {}
         self._admission = self.keys.admission_channel().encode()
+        # Quotas count in buckets of a seventh of TASK_TTL, eight to a window (the last
+        # TASK_TTL and the bucket under way); none at all when both quotas are off.
+        self._quotas = (b"%d" % settings.tenant_max_tasks, b"%d" % settings.tenant_max_bytes)
+        self._bucket_seconds = max(60, -(-settings.task_ttl // 7))
+        self._counting = bool(settings.tenant_max_tasks or settings.tenant_max_bytes)
+        self._quota_ttl = b"%d" % (8 * self._bucket_seconds)
 
     async def close(self) -> None:
         await self.batcher.close()
 
     async def create(
         self, claims: CallbackClaims, status: TaskStatus = TaskStatus.NOT_START,
-        control: dict[str, bytes] | None = None, **fields: Any,
+        control: dict[str, bytes] | None = None, claimed: bool = False, **fields: Any,
     ) -> Outcome:
-        """Create a task's record (refused with ``exists`` if it has one). ``control``: the
-        submitter's fields (``a``, ``b``, ``q``; see the script)."""
+        """Create a task's record (refused with ``exists`` if it has one), within the
+        tenant's quotas. ``control``: the submitter's fields (``a``, ``b``, ``q``; see the
+        script); ``claimed``: the caller holds the claim on ``provider_task_id``."""
         fields.update(status=status.value)
         extra = [x for pair in (control or {}).items() for x in pair]
         return await self._transition(
             b"create", claims, rank(status, None), status, b"", fields,
-            ptid=fields.get("provider_task_id") or "", extra=extra,
+            ptid=fields.get("provider_task_id") or "", extra=extra, claimed=claimed,
+            enforce=True,
         )
 
-    async def apply(self, claims: CallbackClaims, update: Update) -> Outcome:
-        """Store what a provider (or our own inference) says, if it moves the task forward."""
+    async def apply(self, claims: CallbackClaims, update: Update, *, claimed: bool = False,
+                    enforce: bool = False) -> Outcome:
+        """Store what a provider (or our own inference) says, if it moves the task forward.
+        An update that would bind the task to a provider task id is ``unclaimed`` until the
+        caller holds the id (`claims`); ``enforce``: within the tenant's quotas (a callback;
+        what the service learns itself is always stored)."""
         return await self._transition(
             b"apply", claims, update.rank, update.status, update.raw, update.fields(),
-            ptid=update.provider_task_id or "",
+            ptid=update.provider_task_id or "", claimed=claimed, enforce=enforce,
         )
 
     async def submitted(self, claims: CallbackClaims, update: Update) -> Outcome:
         """The provider accepted the task: `apply`, and charge the ledger once (even when a
-        callback got there first and this update is stale)."""
+        callback got there first and this update is stale). The caller took the claim."""
         return await self._transition(
             b"submit", claims, update.rank, update.status, update.raw, update.fields(),
-            ptid=update.provider_task_id or "",
+            ptid=update.provider_task_id or "", claimed=True,
         )
 
     async def _transition(
         self, op: bytes, claims: CallbackClaims, rank_: int, status: TaskStatus, raw: bytes,
         fields: dict[str, Any], ptid: str = "", extra: list[Any] | None = None,
+        claimed: bool = False, enforce: bool = False,
     ) -> Outcome:
         job, tenant = claims.job_id, claims.tenant
-        stream, last_id, index, channel, usage = self._for_tenant(tenant)
+        stream, last_id, index, channel, usage, quota = self._for_tenant(tenant)
         raw = redact_tokens(raw)
         patch: list[bytes] = []
         for name, value in fields.items():
             patch += (_INDEX_BYTES[name], orjson.dumps(value))
+        bucket = int(time.time()) // self._bucket_seconds if self._counting else 0
+        max_tasks, max_bytes = self._quotas if enforce else (b"0", b"0")
         reply = await self.batcher.call(
             [self.keys.task(tenant, job).encode(), self.keys.history(tenant, job).encode(),
-             stream, last_id, index, usage],
+             stream, last_id, index, usage, quota],
             [op, rank_, status.value, EVENT_OF_STATUS[status].value, ptid, raw,
              orjson.dumps(now_iso()), job, channel, *self._limits, b"\0".join(patch),
-             now_ms(), tenant, claims.provider, self._admission, *(extra or ())],
+             now_ms(), tenant, claims.provider, self._admission, b"1" if claimed else b"0",
+             bucket, max_tasks, max_bytes, self._quota_ttl, *(extra or ())],
         )
+        if reply[0] == b"quota":
+            self._refuse(tenant, reply[1])
         if reply[0] != b"stored":
             return Outcome(reply[0].decode(), int(reply[1]) if len(reply) > 1 else None)
         return Outcome("stored", int(reply[1]), reply[2].decode(),
                        reply[3] if len(reply) > 3 else None)
 
-    def _for_tenant(self, tenant: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    def _refuse(self, tenant: str, which: bytes) -> None:
+        settings, width = self.settings, self._bucket_seconds
+        window = f"{settings.task_ttl // 3600} h"
+        retry = width - int(time.time()) % width  # the oldest bucket leaves the count
+        if which == b"tasks":
+            raise TaskQuotaExceeded(
+                f"tenant {tenant!r} created its {settings.tenant_max_tasks} tasks in the last "
+                f"{window} (TENANT_MAX_TASKS)", retry)
+        raise StorageQuotaExceeded(
+            f"tenant {tenant!r} wrote its {settings.tenant_max_bytes} bytes in the last "
+            f"{window} (TENANT_MAX_BYTES)", retry)
+
+    def _for_tenant(self, tenant: str) -> tuple[bytes, ...]:
         keys = self._tenant_keys.get(tenant)
         if keys is None:
             k = self.keys
             keys = self._tenant_keys[tenant] = (
                 k.stream(tenant).encode(), k.last_event_id(tenant).encode(),
                 k.index(tenant).encode(), k.channel(tenant).encode(),
-                k.usage(tenant).encode(),
+                k.usage(tenant).encode(), k.quota(tenant).encode(),
             )
         return keys
 

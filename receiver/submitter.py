@@ -2,10 +2,11 @@
 
 Everything that can be known before the provider sees the task is checked here, so a mistake
 is a 4xx now and not a failed task later: the action and its inputs, the parent (the tenant's,
-of the same provider, finished, with the button pressed), the mode (an action keeps its
-parent's: the providers' account pools are separate), the price. The record is written
-before anything is sent, so a callback that beats the provider's answer finds its task; the
-dispatcher (`receiver.dispatcher`) sends it when the account has a free slot.
+submitted by this service, of the same provider, finished, with the button pressed), the
+mode (an action keeps its parent's: the providers' account pools are separate), the price.
+The record is written before anything is sent, so a callback that beats the provider's
+answer finds its task; the dispatcher (`receiver.dispatcher`) sends it when the account has
+a free slot.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ MAX_IMAGE_TEXT = 16 * 1024 * 1024  # an image or mask given inline, as a data UR
 
 class ParentNotReady(Conflict):
     code = "parent_not_ready"
+
+
+class ParentNotSubmittedHere(Conflict):
+    code = "parent_not_submitted_here"
 
 
 async def create_task(request: Request) -> Response:
@@ -115,6 +120,13 @@ async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes
         mode = mode or DEFAULT_MODE.get(provider)
     else:
         parent = orjson.loads(await task_or_404(svc, tenant, parent_id))
+        if not await svc.redis.hexists(  # type: ignore[misc]
+                svc.store.keys.task(tenant, parent_id), "a"):
+            # Its provider task id came from a callback URL's caller, who may have named
+            # someone else's task: only an id the provider gave our key is acted on.
+            raise ParentNotSubmittedHere(
+                "actions go to tasks this service submitted (POST /tasks); this one was "
+                "submitted elsewhere (POST /callback-urls): send its actions there")
         if parent["provider"] != provider:
             raise BadRequest(f"the parent is a {parent['provider']} task, not {provider}")
         if parent["status"] != TaskStatus.SUCCESS or not parent["provider_task_id"]:

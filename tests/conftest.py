@@ -22,6 +22,7 @@ from starlette.datastructures import Secret
 
 from receiver.app import create_app
 from receiver.constants import Keys
+from receiver.dialects import DIALECTS
 from receiver.listener import StreamProtocol
 from receiver.redis_server import RedisServer, free_port
 from receiver.settings import PROVIDERS, ProviderAccount, Settings
@@ -227,8 +228,15 @@ def acme(server: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def sample(name: str) -> bytes:
-    return (SAMPLES / name).read_bytes()
+def sample(name: str, task_id: str | None = None) -> bytes:
+    """A sample payload; ``task_id``: with that provider task id instead of its own (an id
+    belongs to one task: posting one sample to several tasks needs one id each)."""
+    body = (SAMPLES / name).read_bytes()
+    if task_id is None:
+        return body
+    own = DIALECTS[name.partition("-")[0]](body).provider_task_id
+    assert own and body.count(own.encode()) >= 1
+    return body.replace(own.encode(), task_id.encode())
 
 
 def mint(client: httpx.Client, provider: str = "mjproxy", **fields: Any) -> tuple[str, str]:

@@ -37,8 +37,10 @@ def test_provider_task_id_given_at_mint_binds_the_job(acme: httpx.Client) -> Non
     assert acme.get(f"/tasks/{job}").json()["provider_task_id"] == "42"
     ok = acme.post(url, content=b'{"id": 42, "status": "SUCCESS"}')
     assert ok.json()["result"] == "stored"
-    job, url = mint(acme, provider_task_id="42")
+    job, url = mint(acme, provider_task_id="44")
     assert acme.post(url, content=b'{"id": 43, "status": "SUCCESS"}').status_code == 403
+    taken = acme.post("/callback-urls", json={"provider": "mjproxy", "provider_task_id": "42"})
+    assert taken.status_code == 409 and taken.json()["error"] == "provider_task_claimed"
 
 
 def test_callback_url_bad_requests(acme: httpx.Client) -> None:
@@ -76,8 +78,8 @@ def test_tenants_see_only_their_own(server: LiveServer, acme: httpx.Client) -> N
 
 def test_list_pages_newest_first_with_status_filter(acme: httpx.Client) -> None:
     jobs = [mint(acme) for _ in range(7)]
-    for _job, url in jobs[:3]:
-        assert acme.post(url, content=sample("mjproxy-success.json")).status_code == 200
+    for job, url in jobs[:3]:
+        assert acme.post(url, content=sample("mjproxy-success.json", job)).status_code == 200
     seen, cursor = [], None
     while True:
         params = {"limit": 3, **({"cursor": cursor} if cursor else {})}

@@ -50,7 +50,8 @@ def test_callbacks_are_stored_once_on_a_cluster(
         with cluster_server.client(key) as client:
             job, url = mint(client)
             results[tenant] = [client.post(url, content=body).json()["result"] for body in (
-                progress("p1", 40), progress("p1", 40), progress("p1", 20), success("p1"))]
+                progress(f"p-{tenant}", 40), progress(f"p-{tenant}", 40),
+                progress(f"p-{tenant}", 20), success(f"p-{tenant}"))]
             task = client.get(f"/tasks/{job}").json()
             assert task["status"] == "SUCCESS" and task["version"] == 3
             assert [t["id"] for t in client.get("/tasks").json()["tasks"]] == [job]

@@ -9,9 +9,14 @@ import time
 from collections.abc import Callable
 
 import httpx
+import orjson
+import pytest
 import redis
 from httpx_sse import connect_sse
+from hypothesis import given
+from hypothesis import strategies as st
 
+from receiver.limits import TooDeep, check_depth
 from tests.conftest import LiveServer, mint, sample
 
 ServerFactory = Callable[..., LiveServer]
@@ -19,6 +24,40 @@ ServerFactory = Callable[..., LiveServer]
 
 def nested(depth: int) -> bytes:
     return b'{"id":"p1","status":"IN_PROGRESS","x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def depth_of(doc: object) -> int:
+    if isinstance(doc, dict):
+        return 1 + max(map(depth_of, doc.values()), default=0)
+    if isinstance(doc, list):
+        return 1 + max(map(depth_of, doc), default=0)
+    return 0
+
+
+json_docs = st.recursive(
+    st.none() | st.integers(-9, 99) | st.text(alphabet="ab[]{}\\\"", max_size=6),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(alphabet="k[{\"", max_size=3), inner, max_size=4),
+    max_leaves=60,
+)
+
+
+@given(json_docs, st.integers(1, 12))
+def test_check_depth_refuses_exactly_what_is_deeper_than_the_limit(doc: object, limit: int
+                                                                    ) -> None:
+    body = orjson.dumps(doc)
+    if depth_of(doc) > limit:
+        with pytest.raises(TooDeep):
+            check_depth(body, limit)
+    else:
+        check_depth(body, limit)  # brackets in strings (escaped quotes too) do not count
+
+
+def test_check_depth_costs_no_python_walk() -> None:
+    """87,000 empty arrays (261 KB) are one level deep, whatever their count."""
+    check_depth(b"[" + b",".join([b"[]"] * 87_000) + b"]", 32)
+    with pytest.raises(TooDeep):
+        check_depth(b"[" + b",".join([b"[]"] * 87_000 + [b"[" * 40 + b"]" * 40]) + b"]", 32)
 
 
 def test_json_nested_too_deep_is_413(make_server: ServerFactory, r: redis.Redis) -> None:
@@ -44,7 +83,7 @@ def test_callbacks_per_task_are_rate_limited(make_server: ServerFactory,
         assert [a.status_code for a in answers] == [200, 200, 200, 429]
         assert answers[-1].json()["error"] == "rate_limited"
         assert int(answers[-1].headers["retry-after"]) >= 1
-        assert acme.post(other, content=sample("mjproxy-success.json")).status_code == 200
+        assert acme.post(other, content=sample("mjproxy-success.json", "p2")).status_code == 200
         time.sleep(1.1)  # one token back
         assert acme.post(url, content=sample("mjproxy-success.json")).status_code == 200
 
@@ -117,8 +156,9 @@ def test_slow_clients_do_not_hold_the_service(make_server: ServerFactory,
             slow.append(sock)
         with server.client("key-acme") as acme:
             for _ in range(20):  # everyone else is served as usual
-                _, url = mint(acme)
-                assert acme.post(url, content=sample("mjproxy-success.json")).status_code == 200
+                job, url = mint(acme)
+                assert acme.post(url, content=sample("mjproxy-success.json", job)).status_code \
+                    == 200
     finally:
         for sock in slow:
             sock.close()

@@ -68,7 +68,8 @@ def make(redis_server: RedisServer) -> Iterator[Callable[..., LiveServer]]:
         accounts = {p: ProviderAccount(p, "http://127.0.0.1:9", Secret(f"sk-{p}"), 3)
                     for p in PROVIDERS}
         server = LiveServer(base_settings(redis_server.url, accounts=accounts,
-                                          default_provider="ohmygpt", **overrides)).start()
+                                          default_provider="ohmygpt", mint_rate=0,
+                                          **overrides)).start()
         started.append(server)
         return server
 

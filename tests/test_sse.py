@@ -361,14 +361,14 @@ def test_an_id_older_than_the_stream_holds_gets_current_snapshots_first(
         jobs = [mint(acme) for _ in range(4)]
         first_id = stored_ids(r, KEYS.stream("acme"))[0]
         for pct in range(1, 80):
-            for _, url in jobs:
-                acme.post(url, content=progress("p", pct))
+            for j, url in jobs:
+                acme.post(url, content=progress(f"p-{j}", pct))
         assert stored_ids(r, KEYS.stream("acme"))[0] != first_id, "nothing was trimmed"
         latest = [r.xrevrange(KEYS.history("acme", j), count=1)[0][0].decode() for j, _ in jobs]
         reader = start(Reader(server, "/events", {**ACME, "Last-Event-ID": first_id},
                               limit=5))
         job, url = jobs[0]
-        acme.post(url, content=success("p"))
+        acme.post(url, content=success(f"p-{job}"))
         events = reader.wait().events
     # each task as it was (its latest event), oldest first; then the live event
     assert [e.id for e in events[:4]] == sorted(latest, key=event_key)

@@ -14,9 +14,18 @@ from redis.crc import key_slot
 from receiver.batcher import ScriptBatcher
 from receiver.models import TaskStatus, Update, new_job_id
 from receiver.redis_server import RedisServer
-from receiver.store import TRANSITION, TaskStore
+from receiver.store import TRANSITION, Outcome, TaskStore
 from receiver.tokens import CallbackClaims
 from tests.conftest import KEYS, base_settings
+
+
+class Store(TaskStore):
+    """The store as its callers use it once they hold the provider task id's claim (the
+    claim itself: tests/test_claims.py)."""
+
+    async def apply(self, claims: CallbackClaims, update: Update, *, claimed: bool = True,
+                    enforce: bool = False) -> Outcome:
+        return await super().apply(claims, update, claimed=claimed, enforce=enforce)
 
 
 def run(
@@ -25,7 +34,7 @@ def run(
     async def main() -> Any:
         client = Redis.from_url(redis_server.url)
         batcher = ScriptBatcher(redis_server.url, TRANSITION)
-        store = TaskStore(client, batcher, base_settings(redis_server.url, **settings))
+        store = Store(client, batcher, base_settings(redis_server.url, **settings))
         try:
             return await body(store)
         finally:
@@ -207,3 +216,22 @@ def test_a_task_whose_submit_answer_was_lost_is_charged_by_its_first_callback(
     run(redis_server, body)
     assert r.hgetall(KEYS.usage("acme")) == {
         b"aigc2d|-|IMAGINE|points|tasks": b"1", b"aigc2d|-|IMAGINE|points|spent": b"100"}
+
+
+def test_an_update_that_would_bind_a_task_waits_for_the_claim(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    c = claims()
+
+    async def body(store: TaskStore) -> list[str]:
+        await store.create(c)
+        return [
+            (await store.apply(c, Update(TaskStatus.IN_PROGRESS, 10, "p9"), claimed=False)).result,
+            (await store.apply(c, Update(TaskStatus.IN_PROGRESS, 10, "p9"))).result,
+            # bound now: its own id needs no claim, another one is a conflict
+            (await store.apply(c, Update(TaskStatus.IN_PROGRESS, 20, "p9"), claimed=False)).result,
+            (await store.apply(c, Update(TaskStatus.IN_PROGRESS, 30, "p8"), claimed=False)).result,
+        ]
+
+    assert run(redis_server, body) == ["unclaimed", "stored", "stored", "conflict"]
+    assert stored(redis_server, c)["progress"] == 20
