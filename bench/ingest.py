@@ -11,6 +11,10 @@ then SUCCESS with buttons, many jobs interleaved, each callback a stored transit
 measured run uses freshly minted jobs). Results go to stdout and to ``BENCHMARKS.md``.
 
     .venv/bin/python -m bench.ingest [--duration 8] [--connections 64] [--jobs N]
+
+``--against REF`` measures our callback path at git ref REF (a temporary worktree) instead
+of the bare endpoint, each side on jobs of its own, rounds alternating: what a change did
+to the hot path, as the median of every run (section "bench/ingest: before and after").
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import platform
 import re
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,7 +93,7 @@ class WrkResult:
 
 @dataclass(frozen=True)
 class Run:
-    server: str  # "ours" | "bare"
+    server: str  # "ours" | "bare" | "before"
     wrk: WrkResult
     sent: int  # requests in the cycled list
     stored: int | None = None  # transitions stored during the run (ours only)
@@ -102,6 +107,12 @@ class Run:
 PIN: dict[str, list[str]] = {"server": [], "load": []}
 
 
+# What the services under test may cost: no rate on minting, quotas never reached but
+# counted (their cost is part of the path).
+SERVICE_ENV = {"MINT_RATE": "0", "TENANT_MAX_TASKS": os.environ.get("XQ", str(10**9)),
+               "TENANT_MAX_BYTES": os.environ.get("XQ", str(10**15))}
+
+
 def uvicorn_command(app: str, port: int) -> list[str]:
     return [*PIN["server"], sys.executable, "-m", "uvicorn", app, "--factory", "--host", HOST,
             "--port", str(port), *UVICORN_FLAGS]
@@ -109,11 +120,12 @@ def uvicorn_command(app: str, port: int) -> list[str]:
 
 @contextmanager
 def child_server(command: list[str], port: int, env: dict[str, str], log_path: Path,
-                 start_timeout: float = 20.0) -> Iterator[subprocess.Popen[bytes]]:
+                 start_timeout: float = 20.0, cwd: Path = ROOT
+                 ) -> Iterator[subprocess.Popen[bytes]]:
     """A child process serving HTTP on ``port``, its output in ``log_path``; yielded once it
     answers; terminated (then killed) on exit. Every bench's servers start here."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
             wait_http(f"http://{HOST}:{port}", proc, log_path, timeout=start_timeout)
@@ -128,11 +140,35 @@ def child_server(command: list[str], port: int, env: dict[str, str], log_path: P
 
 
 @contextmanager
-def uvicorn_server(app: str, env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """A uvicorn child serving ``app``; yields its base URL."""
+def uvicorn_server(app: str, env: dict[str, str], log_path: Path, cwd: Path = ROOT
+                   ) -> Iterator[str]:
+    """A uvicorn child serving ``app`` (from the code in ``cwd``); yields its base URL."""
     port = free_port()
-    with child_server(uvicorn_command(app, port), port, env, log_path):
+    with child_server(uvicorn_command(app, port), port, env, log_path, cwd=cwd):
         yield f"http://{HOST}:{port}"
+
+
+@contextmanager
+def receiver_server(env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> Iterator[str]:
+    """``receiver serve`` (from the code in ``cwd``) without its worker; yields its URL."""
+    port = free_port()
+    command = [*PIN["server"], sys.executable, "-m", "receiver.cli", "serve", "--host", HOST,
+               "--port", str(port), "--no-worker", "--no-access-log"]
+    with child_server(command, port, env, log_path, cwd=cwd):
+        yield f"http://{HOST}:{port}"
+
+
+@contextmanager
+def worktree(ref: str) -> Iterator[Path]:
+    """The repository at ``ref``, checked out in a temporary directory."""
+    path = Path(tempfile.mkdtemp(prefix="bench-before-"))
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(path), ref], cwd=ROOT,
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT,
+                       check=False)
 
 
 def wait_http(base: str, proc: subprocess.Popen[bytes], log_path: Path,
@@ -374,6 +410,39 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
     ])
 
 
+def report_against(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int) -> str:
+    """Our path now against ``--against``: every run, and the ratio of the medians."""
+    rates = {side: [r.wrk.rate for r in runs if r.server == side] for side in ("ours", "before")}
+    now, before = statistics.median(rates["ours"]), statistics.median(rates["before"])
+    rows = ["| run | side | req/s | p50 | p99 | errors |",
+            "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for n, run in enumerate(runs, 1):
+        rows.append(f"| {n} | {'now' if run.server == 'ours' else args.against} | "
+                    f"{run.wrk.rate:,.0f} | {run.wrk.p50_ms:.2f} ms | {run.wrk.p99_ms:.2f} ms | "
+                    f"{run.wrk.errors} |")
+    return "\n".join([
+        "## bench/ingest: before and after",
+        "",
+        f"Our callback path now against `{args.against}`, each a `receiver serve --no-worker` "
+        "process (its own HTTP protocol) on the same Redis, the same wrk load, each side on "
+        "freshly minted jobs of its own, the order "
+        "alternating every round.",
+        "",
+        f"- command: `.venv/bin/python -m bench.ingest --against {args.against} "
+        f"--duration {args.duration:g} --connections {args.connections} --rounds "
+        f"{args.rounds}`",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; machine: {machine()}",
+        f"- workload: {jobs_per_run:,} jobs per run x {CALLBACKS_PER_JOB} callbacks",
+        "",
+        *rows,
+        "",
+        f"**median now / before = {now / before:.1%}** ({now:,.0f} vs {before:,.0f} req/s; "
+        f"now: {', '.join(f'{x:,.0f}' for x in rates['ours'])}; before: "
+        f"{', '.join(f'{x:,.0f}' for x in rates['before'])}).",
+        "",
+    ])
+
+
 def write_markdown(section: str, path: Path, heading: str = "## bench/ingest") -> None:
     """Replace the ``heading`` section of ``path`` (or add it at the end), keep the rest."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
@@ -406,7 +475,7 @@ def measure(args: argparse.Namespace, bases: dict[str, str], client: redis.Redis
 
     _, warm_file, _ = prepare(max(1000, window), "warm-up")
     warm: dict[str, WrkResult] = {}
-    for server in ("ours", "bare"):
+    for server in bases:
         print(f"warm-up {server} {args.warmup:g}s", flush=True)
         warm[server] = run_wrk(bases[server], script, warm_file, args.connections, args.warmup)
     # Enough fresh jobs that the measured window is stored transitions, not a second lap.
@@ -414,11 +483,14 @@ def measure(args: argparse.Namespace, bases: dict[str, str], client: redis.Redis
         500, math.ceil(warm["ours"].rate * args.duration * 1.6 / CALLBACKS_PER_JOB))
 
     runs: list[Run] = []
+    other = "before" if "before" in bases else "bare"
     for k in range(args.rounds):
         jobs, data, size = prepare(jobs_per_run, f"round {k + 1}")
-        for server in ("ours", "bare") if k % 2 == 0 else ("bare", "ours"):
+        for i, server in enumerate(("ours", other) if k % 2 == 0 else (other, "ours")):
+            if i == 1 and other == "before":  # both sides store: each gets jobs of its own
+                jobs, data, size = prepare(jobs_per_run, f"round {k + 1}, {server}")
             result = run_wrk(bases[server], script, data, args.connections, args.duration)
-            stored = stored_transitions(client, jobs) if server == "ours" else None
+            stored = stored_transitions(client, jobs) if server != "bare" else None
             runs.append(Run(server, result, size, stored))
             (out_dir / f"wrk-{len(runs)}-{server}.txt").write_text(result.output)
             print(f"  {server}: {result.rate:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
@@ -438,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measured runs per server, alternating; the best counts")
     parser.add_argument("--warmup", type=float, default=2, help="seconds of warm-up per server")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--against", metavar="REF",
+                        help="compare with our code at git ref REF instead of the bare app")
     parser.add_argument("--pin", action="store_true",
                         help="pin uvicorn to CPU 0, wrk and redis-server to CPU 1")
     args = parser.parse_args(argv)
@@ -461,20 +535,32 @@ def main(argv: list[str] | None = None) -> int:
             env = {**os.environ, "REDIS_URL": store.url,
                    "RECEIVER_SECRET_KEYS": secrets.token_urlsafe(32),
                    "RECEIVER_API_KEYS": "", "PUBLIC_BASE_URL": "",
-                   "REDIS_PREFIX": DEFAULT_PREFIX}
-            with uvicorn_server(OURS_APP, env, tmp / "ours.log") as ours, \
-                    uvicorn_server(BARE_APP, env, tmp / "bare.log") as bare:
-                runs, jobs_per_run, window = measure(
-                    args, {"ours": ours, "bare": bare}, client, tmp, script, out_dir)
+                   "REDIS_PREFIX": DEFAULT_PREFIX, **SERVICE_ENV}
+            if args.against:  # both as `receiver serve` runs them (its own protocol)
+                with worktree(args.against) as before_dir, \
+                        receiver_server(env, tmp / "ours.log") as ours, \
+                        receiver_server({**env, "PYTHONPATH": str(before_dir)},
+                                        tmp / "before.log", cwd=before_dir) as before:
+                    runs, jobs_per_run, window = measure(
+                        args, {"ours": ours, "before": before}, client, tmp, script, out_dir)
+            else:
+                with uvicorn_server(OURS_APP, env, tmp / "ours.log") as ours, \
+                        uvicorn_server(BARE_APP, env, tmp / "bare.log") as bare:
+                    runs, jobs_per_run, window = measure(
+                        args, {"ours": ours, "bare": bare}, client, tmp, script, out_dir)
         finally:
             client.close()
             store.stop()
 
-    section = report(runs, args, jobs_per_run, window)
+    if args.against:
+        section = report_against(runs, args, jobs_per_run)
+        heading = "## bench/ingest: before and after"
+    else:
+        section, heading = report(runs, args, jobs_per_run, window), "## bench/ingest"
     print()
     print(section)
     if not args.no_write:
-        write_markdown(section, ROOT / "BENCHMARKS.md")
+        write_markdown(section, ROOT / "BENCHMARKS.md", heading)
         print(f"written to {ROOT / 'BENCHMARKS.md'}")
     return 0
 

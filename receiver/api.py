@@ -16,7 +16,7 @@ from receiver.callbacks import read_body
 from receiver.constants import JOB_ID_RE
 from receiver.dialects import DIALECTS
 from receiver.errors import BadRequest, NotFound, StoreUnavailable, Unauthorized
-from receiver.limits import check_depth
+from receiver.limits import check_json
 from receiver.models import TaskStatus, new_job_id
 from receiver.services import Services, services
 from receiver.settings import Settings
@@ -207,7 +207,7 @@ async def json_object(request: Request, limit: int | None = None) -> dict[str, A
                           settings.body_timeout)
     if raw is None:
         raise ClientDisconnect()
-    check_depth(raw, settings.max_json_depth)
+    check_json(raw, settings.max_json_depth, settings.max_json_containers)
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from receiver.dialects import DIALECTS
 from receiver.errors import NotFound, PayloadTooLarge, ReceiverError, StoreUnavailable
-from receiver.limits import check_depth
+from receiver.limits import check_json
 from receiver.models import TaskStatus
 from receiver.reconciler import verify
 from receiver.services import Services
@@ -63,7 +63,7 @@ async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive,
                            settings.body_timeout)
     if body is None:
         return None  # the sender hung up: nobody to answer
-    check_depth(body, settings.max_json_depth)
+    check_json(body, settings.max_json_depth, settings.max_json_containers)
     update = parser(body)
     if update.status is TaskStatus.SUCCESS and settings.verify_final:
         # Unsigned callbacks: a SUCCESS is what the provider says when asked.

@@ -35,6 +35,10 @@ class TooDeep(PayloadTooLarge):
     code = "json_too_deep"
 
 
+class TooComplex(PayloadTooLarge):
+    code = "json_too_complex"
+
+
 class RateLimiter:
     """Token buckets by key: ``rate`` per second, bursts of ``burst``; the least recently
     used keys are forgotten beyond ``keys`` (a forgotten key starts with a full bucket)."""
@@ -58,6 +62,17 @@ class RateLimiter:
             self._buckets.popitem(last=False)
 
 
+def check_json(body: bytes, max_depth: int, max_containers: int) -> None:
+    """Refuse JSON with more than ``max_containers`` objects and arrays, or nested deeper
+    than ``max_depth`` (0: no limit), before any parse. Parsing 87,000 empty arrays costs
+    orjson ~5 ms of allocations (15x a flat body of the same size); counted here, they cost
+    0.1 ms. A provider's callback has a few dozen."""
+    if max_containers and body.count(b"{") + body.count(b"[") > max_containers and \
+            _skeleton(body).count(b"[") > max_containers:
+        raise TooComplex(f"the JSON has more than {max_containers} objects and arrays")
+    check_depth(body, max_depth)
+
+
 def check_depth(body: bytes, limit: int) -> None:
     """Refuse JSON nested deeper than ``limit``, without parsing it: every step runs in C.
 
@@ -69,8 +84,7 @@ def check_depth(body: bytes, limit: int) -> None:
     parser, unless its brackets open deeper than the limit."""
     if limit <= 0 or body.count(b"{") + body.count(b"[") <= limit:
         return  # 0: no limit; fewer brackets than the limit cannot nest deeper
-    skeleton = _STRING.sub(b"", body) if b'"' in body else body
-    skeleton = skeleton.translate(_SQUARE, _NOT_BRACKET)  # (a brace nests as a bracket)
+    skeleton = _skeleton(body)
     passes = min(_PASSES, limit)
     for _ in range(passes):  # each pass takes one level off every nest
         skeleton = skeleton.replace(b"[]", b"")
@@ -79,6 +93,12 @@ def check_depth(body: bytes, limit: int) -> None:
     steps = array("b", skeleton.translate(_STEP))  # +1 per opening bracket, -1 per closing
     if max(accumulate(steps)) + passes > limit:
         raise TooDeep(f"the JSON is nested deeper than {limit} levels")
+
+
+def _skeleton(body: bytes) -> bytes:
+    """The body's brackets outside strings, braces as square brackets."""
+    skeleton = _STRING.sub(b"", body) if b'"' in body else body
+    return skeleton.translate(_SQUARE, _NOT_BRACKET)
 
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')

@@ -88,7 +88,8 @@ _BODY_ERRORS = {
     "400": _error("bad_request: the body is not a JSON object, or a field is not valid"),
     "408": _error("body_timeout: the body did not arrive in time"),
     "413": _error("payload_too_large: the body is over MAX_BODY_BYTES; json_too_deep: "
-                  "nested deeper than MAX_JSON_DEPTH"),
+                  "nested deeper than MAX_JSON_DEPTH; json_too_complex: more objects and "
+                  "arrays than MAX_JSON_CONTAINERS"),
 }
 
 _LEDGER_COUNTERS = {

@@ -112,6 +112,7 @@ class Settings:
     submit_burst: float = 200.0
     sse_max_per_tenant: int = 500
     max_json_depth: int = 32
+    max_json_containers: int = 10_000
     body_timeout: float = 10.0
     # Every connection: seconds to send a request's head (line and headers), and its size at
     # most (past it: 431).
@@ -184,6 +185,7 @@ class Settings:
             submit_burst=config("SUBMIT_BURST", cast=float, default=200.0),
             sse_max_per_tenant=config("SSE_MAX_PER_TENANT", cast=int, default=500),
             max_json_depth=config("MAX_JSON_DEPTH", cast=int, default=32),
+            max_json_containers=config("MAX_JSON_CONTAINERS", cast=int, default=10_000),
             body_timeout=config("BODY_TIMEOUT", cast=float, default=10.0),
             head_timeout=config("HEAD_TIMEOUT", cast=float, default=10.0),
             max_head_bytes=config("MAX_HEAD_BYTES", cast=int, default=32 * 1024),

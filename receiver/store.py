@@ -118,16 +118,20 @@ local parts = {}
 for i = 1, N do parts[2 * i - 1] = NAMES[i]; parts[2 * i] = vals[i] end
 local data = table.concat(parts) .. ',"event":"' .. kind .. '","event_id":"' .. id .. '"}'
 
--- The tenant's quotas: tasks created and bytes written in the last TASK_TTL, counted in
--- time buckets (a hash field each; the window is the last 8 buckets).
+-- The tenant's quotas: tasks created and bytes written in the last TASK_TTL, counted by time
+-- bucket (t<n>, b<n>) and as totals (T, B) over the window as of bucket N: the last 8.
 local bucket = tonumber(ARGV[19])
 if bucket > 0 then
-  local fields = {}
-  for b = bucket - 7, bucket do fields[#fields + 1] = 't' .. b; fields[#fields + 1] = 'b' .. b end
-  local got = redis.call('HMGET', KEYS[7], unpack(fields))
-  local tasks, bytes = 0, 0
-  for i = 1, #got, 2 do
-    tasks = tasks + (tonumber(got[i]) or 0); bytes = bytes + (tonumber(got[i + 1]) or 0)
+  local q = redis.call('HMGET', KEYS[7], 'N', 'T', 'B')
+  local tasks, bytes, at = tonumber(q[2]) or 0, tonumber(q[3]) or 0, tonumber(q[1])
+  if not at or at < bucket then  -- buckets left the window since: off the totals
+    for b = (at or bucket) - 7, math.min(at or bucket, bucket - 8) do
+      local gone = redis.call('HMGET', KEYS[7], 't' .. b, 'b' .. b)
+      tasks = tasks - (tonumber(gone[1]) or 0); bytes = bytes - (tonumber(gone[2]) or 0)
+      redis.call('HDEL', KEYS[7], 't' .. b, 'b' .. b)
+    end
+    redis.call('HSET', KEYS[7], 'N', bucket, 'T', tasks, 'B', bytes)
+    redis.call('EXPIRE', KEYS[7], ARGV[22])
   end
   local size = #ARGV[6] + 3 * #data
   for i = 23, #ARGV do size = size + #ARGV[i] end
@@ -135,13 +139,11 @@ if bucket > 0 then
   if not exists and max_tasks > 0 and tasks >= max_tasks then return {'quota', 'tasks'} end
   if max_bytes > 0 and bytes + size > max_bytes then return {'quota', 'bytes'} end
   if not exists then
+    redis.call('HINCRBY', KEYS[7], 'T', 1)
     redis.call('HINCRBY', KEYS[7], 't' .. bucket, 1)
-    local old = {}
-    for b = bucket - 15, bucket - 8 do old[#old + 1] = 't' .. b; old[#old + 1] = 'b' .. b end
-    redis.call('HDEL', KEYS[7], unpack(old))
   end
+  redis.call('HINCRBY', KEYS[7], 'B', size)
   redis.call('HINCRBY', KEYS[7], 'b' .. bucket, size)
-  redis.call('EXPIRE', KEYS[7], ARGV[22])
 end
 
 -- The XADDs go first: they are the only writes that could refuse, and a script that fails
@@ -308,7 +310,7 @@ class TaskStore:
         patch: list[bytes] = []
         for name, value in fields.items():
             patch += (_INDEX_BYTES[name], orjson.dumps(value))
-        bucket = int(time.time()) // self._bucket_seconds if self._counting else 0
+        bucket = self._bucket() if self._counting else 0
         max_tasks, max_bytes = self._quotas if enforce else (b"0", b"0")
         reply = await self.batcher.call(
             [self.keys.task(tenant, job).encode(), self.keys.history(tenant, job).encode(),
@@ -324,6 +326,9 @@ class TaskStore:
             return Outcome(reply[0].decode(), int(reply[1]) if len(reply) > 1 else None)
         return Outcome("stored", int(reply[1]), reply[2].decode(),
                        reply[3] if len(reply) > 3 else None)
+
+    def _bucket(self) -> int:
+        return int(time.time()) // self._bucket_seconds
 
     def _refuse(self, tenant: str, which: bytes) -> None:
         settings, width = self.settings, self._bucket_seconds

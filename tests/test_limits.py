@@ -16,7 +16,7 @@ from httpx_sse import connect_sse
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.limits import TooDeep, check_depth
+from receiver.limits import TooComplex, TooDeep, check_depth, check_json
 from tests.conftest import LiveServer, mint, sample
 
 ServerFactory = Callable[..., LiveServer]
@@ -51,6 +51,17 @@ def test_check_depth_refuses_exactly_what_is_deeper_than_the_limit(doc: object, 
             check_depth(body, limit)
     else:
         check_depth(body, limit)  # brackets in strings (escaped quotes too) do not count
+
+
+def test_check_json_counts_containers_outside_strings() -> None:
+    arrays = b"[" + b",".join([b"[]"] * 87_000) + b"]"
+    with pytest.raises(TooComplex):
+        check_json(arrays, 32, 10_000)
+    check_json(arrays, 32, 0)  # 0: no limit
+    # a prompt full of braces is one string, not 20,000 objects
+    check_json(orjson.dumps({"prompt": "{a,b} " * 20_000, "x": [[1]]}), 32, 10_000)
+    with pytest.raises(TooDeep):
+        check_json(b"[" * 40 + b"]" * 40, 32, 10_000)
 
 
 def test_check_depth_costs_no_python_walk() -> None:

@@ -14,7 +14,13 @@ from redis.crc import key_slot
 from receiver.batcher import ScriptBatcher
 from receiver.models import TaskStatus, Update, new_job_id
 from receiver.redis_server import RedisServer
-from receiver.store import TRANSITION, Outcome, TaskStore
+from receiver.store import (
+    TRANSITION,
+    Outcome,
+    StorageQuotaExceeded,
+    TaskQuotaExceeded,
+    TaskStore,
+)
 from receiver.tokens import CallbackClaims
 from tests.conftest import KEYS, base_settings
 
@@ -235,3 +241,42 @@ def test_an_update_that_would_bind_a_task_waits_for_the_claim(
 
     assert run(redis_server, body) == ["unclaimed", "stored", "stored", "conflict"]
     assert stored(redis_server, c)["progress"] == 20
+
+
+def test_quotas_count_the_last_task_ttl(redis_server: RedisServer, r: redis.Redis) -> None:
+    """Three tasks and 100 KB per window of 8 buckets: what left the window frees room."""
+    now = [100]
+
+    class Clocked(Store):
+        def _bucket(self) -> int:
+            return now[0]
+
+    async def body(_: TaskStore) -> list[Any]:
+        client = Redis.from_url(redis_server.url)
+        settings = base_settings(redis_server.url, tenant_max_tasks=3,
+                                 tenant_max_bytes=100_000)
+        store = Clocked(client, ScriptBatcher(redis_server.url, TRANSITION), settings)
+        seen: list[Any] = []
+
+        async def attempt(**fields: Any) -> Any:
+            try:
+                return (await store.create(claims(), **fields)).result
+            except (TaskQuotaExceeded, StorageQuotaExceeded) as exc:
+                return exc.code
+
+        try:
+            seen += [await attempt() for _ in range(4)]  # bucket 100
+            now[0] = 107
+            seen.append(await attempt())  # 100 is still in the window (100..107)
+            now[0] = 108
+            seen.append(await attempt())  # 100 left it: its three tasks are off the count
+            now[0] = 120  # everything left the window
+            seen += [await attempt(prompt="x" * 15_000) for _ in range(3)]  # ~45 KB each
+        finally:
+            await store.close()
+            await client.aclose()
+        return seen
+
+    assert run(redis_server, body) == [
+        "stored", "stored", "stored", "task_quota", "task_quota", "stored",
+        "stored", "stored", "storage_quota"]
