@@ -109,8 +109,8 @@ PIN: dict[str, list[str]] = {"server": [], "load": []}
 
 # What the services under test may cost: no rate on minting, quotas never reached but
 # counted (their cost is part of the path).
-SERVICE_ENV = {"MINT_RATE": "0", "TENANT_MAX_TASKS": os.environ.get("XQ", str(10**9)),
-               "TENANT_MAX_BYTES": os.environ.get("XQ", str(10**15))}
+SERVICE_ENV = {"MINT_RATE": "0", "TENANT_MAX_TASKS": str(10**9),
+               "TENANT_MAX_BYTES": str(10**15)}
 
 
 def uvicorn_command(app: str, port: int) -> list[str]:
