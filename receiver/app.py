@@ -7,17 +7,19 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from receiver import api, dashboard, sse, submitter
+from receiver._guard import SETTINGS
 from receiver.api import JSONResponse
 from receiver.callbacks import CallbackEndpoint
 from receiver.errors import ReceiverError, StoreUnavailable
@@ -36,7 +38,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         install_redaction()
         if settings.open_mode:
             log.warning(
@@ -57,7 +59,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # tenth of a callback's CPU, measured).
         gc.freeze()
         try:
-            yield
+            # uvicorn hands the lifespan's state to its protocols too (app_state): how the
+            # listener and the guard learn HEAD_TIMEOUT and the rest without the environment.
+            yield {SETTINGS: settings}
         finally:
             # uvicorn does not time a lifespan's shutdown: bound ours, so SIGTERM always ends
             # the process (what is not closed by then goes with it).
@@ -100,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={
             **_DOMAIN_HANDLERS,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
             Exception: _internal_error,
         },
         lifespan=lifespan,
@@ -145,6 +150,13 @@ _DOMAIN_HANDLERS: dict[type[Exception], ExceptionHandler] = {
     ReceiverError: _domain_error,
     RedisError: _redis_error,
 }
+
+
+async def _client_gone(conn: HTTPConnection, exc: Exception) -> None:
+    """A client that hangs up mid-body (or is cut off by BODY_TIMEOUT) is nobody's error:
+    one line, and no response, as there is nobody to read it."""
+    log.info("client went away before its request body was read: %s %s",
+             conn.scope.get("method"), conn.scope["path"])
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

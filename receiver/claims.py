@@ -10,8 +10,10 @@ nothing: actions go only to tasks this service submitted, see `submitter`).
 
 The claim is one Redis string per id (``Keys.claim``), outside every tenant's slot, so it
 costs a round trip of its own: taken when a URL is minted with the id, when a submit is
-answered, and when a callback first binds a task (the transition script answers
-``unclaimed`` instead of storing it; a task already bound costs nothing more).
+answered, and when a callback first binds a minted task (the transition script answers
+``unclaimed`` instead of storing it, after its duplicate and stale checks; a task already
+bound costs nothing more). A task the submitter sent needs no claim for its callbacks: its
+token went to the provider alone, and the submit's answer takes the claim.
 """
 
 from __future__ import annotations

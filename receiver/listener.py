@@ -12,6 +12,10 @@ events, `sse.EventStream` hands its subscription to this connection through the
 event's frame straight to the transport: an idle client is this object, its subscription
 and uvloop's transport, and no task or coroutine at all.
 
+Every connection's head is bounded from its first moment: ``HEAD_TIMEOUT`` from the
+connection's start and ``MAX_HEAD_BYTES``, here and, carried over with the hand-over, in
+`_guard.GuardedProtocol` (uvicorn's protocol with those bounds, and ``BODY_TIMEOUT``).
+
 Responses served here end by closing the connection (``connection: close``), which is how an
 event stream ends anyway. A client that stops reading is cut off once it is a queue's worth
 of events behind or has not drained for ``SSE_SEND_TIMEOUT``; it reconnects with
@@ -28,7 +32,6 @@ from urllib.parse import unquote
 
 import httptools
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import (
     get_client_addr,
     get_local_addr,
@@ -39,6 +42,7 @@ from uvicorn.protocols.utils import (
 from uvicorn.server import ServerState
 
 from receiver import fastpath
+from receiver._guard import GuardedProtocol, refusal, settings_of
 from receiver.callbacks import receive_callback
 from receiver.sse import CUT, DETACH, PING
 
@@ -46,7 +50,6 @@ if TYPE_CHECKING:
     from receiver.events import Event, EventHub, Subscription
 
 CLOSE_GRACE = 1.0  # seconds a closing connection's client gets to read what is buffered
-_MAX_HEAD = 64 * 1024  # past this uvicorn's protocol answers (httptools' own limits)
 _REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 _DISCONNECT = {"type": "http.disconnect"}
 
@@ -55,10 +58,13 @@ access_log = logging.getLogger("uvicorn.access")
 
 
 class StreamProtocol(asyncio.Protocol):
-    __slots__ = ("app_state", "backlog", "buffer", "config", "drained", "gone", "hub",
-                 "lost", "paused", "requested", "responded", "scope", "send_timeout", "sent",
-                 "server_state", "stopping", "sub", "task_stream", "timer", "transport")
-    head_timeout = 10.0  # seconds for a request line and headers that came in part
+    __slots__ = ("app_state", "backlog", "buffer", "config", "drained", "gone", "head_cap",
+                 "head_time", "hub", "lost", "paused", "requested", "responded", "scope",
+                 "send_timeout", "sent", "server_state", "stopping", "sub", "successor",
+                 "task_stream", "timer", "transport")
+    # None: the app's settings (HEAD_TIMEOUT, MAX_HEAD_BYTES). A subclass may fix one (tests).
+    head_timeout: float | None = None
+    max_head_bytes: int | None = None
 
     def __init__(self, config: Config, server_state: ServerState,
                  app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None
@@ -68,9 +74,15 @@ class StreamProtocol(asyncio.Protocol):
         self.config = config
         self.server_state = server_state
         self.app_state = app_state
+        settings = settings_of(app_state)
+        self.head_time = settings.head_timeout if self.head_timeout is None \
+            else self.head_timeout
+        self.head_cap = settings.max_head_bytes if self.max_head_bytes is None \
+            else self.max_head_bytes
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.timer: asyncio.TimerHandle | None = None  # the head's deadline; a stall's
+        self.successor: GuardedProtocol | None = None  # the protocol it was handed over to
         self.requested = False  # the request is read (and the app runs)
         self.scope: dict[str, Any] | None = None  # the request, until the access log has it
         self.stopping = False  # uvicorn is shutting down: a stream that detaches is cut
@@ -94,6 +106,9 @@ class StreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.server_state.connections.add(self)  # type: ignore[arg-type]
+        if self.head_time > 0:
+            self.timer = asyncio.get_running_loop().call_later(self.head_time,
+                                                               self._head_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -127,6 +142,9 @@ class StreamProtocol(asyncio.Protocol):
         if head_end < 0:
             self._wait_for_more()
             return
+        if 0 < self.head_cap < head_end + 4:
+            self._hand_over()  # for the guard to refuse (431)
+            return
         headers = _parse_head(self.buffer[:head_end + 4])
         if headers is None:
             self._hand_over()  # anything unusual gets uvicorn's handling
@@ -138,20 +156,30 @@ class StreamProtocol(asyncio.Protocol):
         self._start(target, headers)
 
     def _wait_for_more(self) -> None:
-        """A head in pieces: past _MAX_HEAD it is uvicorn's to refuse; one that stalls is
-        closed after ``head_timeout``."""
-        if len(self.buffer) > _MAX_HEAD:
+        """A head in pieces: past MAX_HEAD_BYTES it is the guard's to refuse (431)."""
+        if 0 < self.head_cap < len(self.buffer):
             self._hand_over()
-        elif self.timer is None and self.transport is not None:
-            self.timer = asyncio.get_running_loop().call_later(self.head_timeout,
-                                                               self.transport.close)
+
+    def _head_expired(self) -> None:
+        """HEAD_TIMEOUT from the connection's start: 408, here or by the protocol the
+        connection was handed over to (the timer goes with it)."""
+        self.timer = None
+        if self.successor is not None:
+            self.successor.expire()
+        elif self.transport is not None and not self.requested:
+            self.transport.write(refusal(408, "head_timeout", "the request head did not "
+                                         f"arrive within {self.head_time:g} s",
+                                         self.server_state.default_headers))
+            self._close()
 
     def _hand_over(self) -> None:
-        """The connection becomes an ordinary uvicorn connection, from its first byte."""
+        """The connection becomes an ordinary (guarded) uvicorn connection, from its first
+        byte and with the deadline of its head."""
         assert self.transport is not None
-        self._cancel_timer()
         self.server_state.connections.discard(self)
-        protocol = HttpToolsProtocol(self.config, self.server_state, self.app_state)
+        protocol = GuardedProtocol(self.config, self.server_state, self.app_state,
+                                   head_timer=self.timer)
+        self.timer, self.successor = None, protocol
         protocol.connection_made(self.transport)
         self.transport.set_protocol(protocol)
         data, self.buffer, self.transport = self.buffer, b"", None

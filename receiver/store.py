@@ -45,10 +45,9 @@ local op, new_rank, status, kind, ptid = ARGV[1], tonumber(ARGV[2]), ARGV[3], AR
 -- charged and refunded ('2'), q: the request to send.
 local cur = redis.call('HMGET', KEYS[1], 'r', 's', 'p', 'v', 'c', 'a')
 local exists = cur[1] ~= false
--- A provider task id binds a task only once its claim is held (see claims.py).
-if ptid ~= '' and ARGV[18] ~= '1' and not cur[3] and not (exists and op == 'create') then
-  return {'unclaimed'}
-end
+-- A provider task id binds a task only once the caller holds its claim (see claims.py),
+-- unless the submitter sent the task: its callback token went to the provider alone.
+local unclaimed = ptid ~= '' and ARGV[18] ~= '1' and not cur[3] and not cur[6]
 local charged = cur[5]
 local function billing()
   local b = redis.call('HGET', KEYS[1], 'b')
@@ -88,7 +87,9 @@ if exists then
   local cur_rank = tonumber(cur[1])
   if new_rank == cur_rank then return {'duplicate', vals[N]} end
   if new_rank < cur_rank then return {'stale', vals[N]} end
+  if unclaimed then return {'unclaimed'} end
 else  -- tenant and provider are from a verified token: safe inside quotes
+  if unclaimed then return {'unclaimed'} end
   for i = 1, N do vals[i] = DEFAULTS[i] or 'null' end
   vals[1], vals[2], vals[3] = '"' .. ARGV[8] .. '"', '"' .. ARGV[15] .. '"', '"' .. ARGV[16] .. '"'
   vals[%(created_at)d] = ARGV[7]

@@ -31,12 +31,20 @@ from itsdangerous import URLSafeTimedSerializer
 from receiver.constants import CALLBACK_SALT, JOB_ID_RE, SUBSCRIBE_SALT, TENANT_RE
 from receiver.dialects import DIALECTS
 from receiver.errors import InvalidPayload, ReceiverError
-from receiver.limits import TooDeep, check_depth
+from receiver.limits import TooComplex, TooDeep, check_json
 from receiver.models import TaskStatus, Update
 from receiver.redis_server import RedisServer
 from receiver.store import redact_tokens
 from receiver.tokens import CallbackClaims, SubscribeClaims, TokenSigner
-from tests.conftest import KEYS, SAMPLES, LiveServer, base_settings, history, mint
+from tests.conftest import (
+    KEYS,
+    SAMPLES,
+    LiveServer,
+    base_settings,
+    forget_claims,
+    history,
+    mint,
+)
 
 SCALE = max(1, int(os.environ.get("FUZZ_SCALE", "1")))
 PURE = settings(max_examples=2000 * SCALE, deadline=None)
@@ -603,7 +611,8 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(redis_server: RedisServer) -> Iterator[Live]:
-    server = LiveServer(base_settings(redis_server.url, max_body_bytes=LIMIT)).start()
+    server = LiveServer(base_settings(redis_server.url, max_body_bytes=LIMIT,
+                                      mint_rate=0)).start()
     rdb = redis.Redis(port=redis_server.port)
     # no keep-alive: a 500 (a bug) closes its connection, and must not fail the next request
     with server.client("key-acme", limits=httpx.Limits(max_keepalive_connections=0)) as client:
@@ -681,14 +690,16 @@ def test_callbacks_without_a_valid_token_are_4xx_and_store_nothing(
 def test_a_valid_token_with_any_body_is_200_only_for_a_task_of_the_dialect(
     live: Live, provider: str, body: bytes
 ) -> None:
+    forget_claims(live.rdb)
     job, url = mint(live.client, provider)
     before, keys = live.history_len(job), live.dbsize()
     assert before == 1  # created
     answer = live.post(url, body)
+    settings = live.server.settings
     if len(body) > LIMIT:
         assert_error(answer, 413, "payload_too_large")
-    elif too_deep(body, live.server.settings.max_json_depth):
-        assert_error(answer, 413, "json_too_deep")
+    elif too_deep(body, settings.max_json_depth, settings.max_json_containers):
+        assert_error(answer, 413, "json_too_deep", "json_too_complex")
     elif check_parse(provider, body) is None:
         assert_error(answer, 400, "invalid_payload")
     else:
@@ -703,10 +714,10 @@ def test_a_valid_token_with_any_body_is_200_only_for_a_task_of_the_dialect(
     assert (live.history_len(job), live.dbsize()) == (before, keys)
 
 
-def too_deep(body: bytes, limit: int) -> bool:
+def too_deep(body: bytes, limit: int, containers: int = 0) -> bool:
     try:
-        check_depth(body, limit)
-    except TooDeep:
+        check_json(body, limit, containers)
+    except (TooDeep, TooComplex):
         return True
     return False
 
@@ -757,6 +768,7 @@ def test_any_query_string_is_401_without_the_valid_token(
     """The first ``token=`` decides; nothing else in the query matters."""
     job = url = None
     if token == "valid":
+        forget_claims(live.rdb)
         job, url = mint(live.client, provider)
         token = token_of(url)
     if token is not None:
@@ -780,6 +792,7 @@ def test_any_query_string_is_401_without_the_valid_token(
 ], ids=["progress-4301-digits", "deep-with-float-id"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_found_bodies_are_not_a_500(live: Live, provider: str, body: bytes) -> None:
+    forget_claims(live.rdb)
     job, url = mint(live.client, provider)
     answer = live.post(url, body)
     assert answer.status_code < 500, answer.text

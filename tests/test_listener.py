@@ -151,19 +151,36 @@ def test_shutdown_tells_every_stream_to_reconnect(streams: LiveServer) -> None:
         assert client.read_to_end().endswith(b": cut off: reconnect with Last-Event-ID\r\n")
 
 
-class QuickHead(StreamProtocol):
-    head_timeout = 0.3
-
-
 def test_a_connection_that_never_finishes_its_head_is_closed(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    server = LiveServer(base_settings(redis_server.url, head_timeout=0.3)).start()
+    try:
+        started = time.monotonic()
+        raw = Raw(server, b"GET /events HTTP/1.1\r\nHost: x\r\n")
+        head, _, body = raw.read_to_end(timeout=5).partition(b"\r\n\r\n")
+        assert 0.25 < time.monotonic() - started < 2
+        assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert b"connection: close" in head
+        assert orjson.loads(body) == {
+            "error": "head_timeout", "detail": "the request head did not arrive within 0.3 s"}
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/healthz").status_code == 200
+    finally:
+        server.stop()
+
+
+class QuickHead(StreamProtocol):
+    head_timeout = 0.3  # a class may still fix it, over the settings
+
+
+def test_a_protocol_class_may_fix_the_head_timeout(
     redis_server: RedisServer, r: redis.Redis
 ) -> None:
     server = LiveServer(base_settings(redis_server.url), http=QuickHead).start()
     try:
         raw = Raw(server, b"GET /events HTTP/1.1\r\nHost: x\r\n")
-        assert raw.read_to_end(timeout=5) == b""
-        with httpx.Client(base_url=server.url) as client:
-            assert client.get("/healthz").status_code == 200
+        assert raw.read_to_end(timeout=5).startswith(b"HTTP/1.1 408 ")
     finally:
         server.stop()
 

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver.redis_server import RedisServer
-from tests.conftest import KEYS, LiveServer, base_settings, history, mint
+from tests.conftest import LiveServer, base_settings, forget_claims, history, mint
 
 Step = tuple[str, int]  # (status, progress)
 
@@ -68,13 +68,6 @@ def deliveries(draw: st.DrawFn) -> tuple[str, list[Step], list[Step]]:
     extra = draw(st.lists(st.sampled_from(truth), max_size=8))
     delivery = draw(st.permutations(truth + extra))
     return provider, truth, delivery
-
-
-def forget_claims(rdb: redis.Redis) -> None:
-    """Each example is a new task on ids an earlier one held (an id is one task's)."""
-    claims = rdb.keys(KEYS.claim("*", "*"))
-    if claims:
-        rdb.delete(*claims)
 
 
 @given(deliveries(), st.integers(2**53, 2**63), st.booleans())

@@ -217,13 +217,13 @@ def test_dropped_callbacks_are_finished_by_polling(stack: Stack) -> None:
 
 
 def test_waiting_in_the_providers_queue_is_not_a_stall(stack: Stack, r: redis.Redis) -> None:
-    receiver, simulator = stack(task_timeout=1.0)
-    faults(simulator, queue_wait=3.0, strip_callback_url=True)  # only polls tell us
+    receiver, simulator = stack(task_timeout=2.0)  # (polls every ~0.6 s, even under load)
+    faults(simulator, queue_wait=5.0, strip_callback_url=True)  # only polls tell us
     with receiver.client("key-acme") as acme:
         job = submit(acme, provider="mjproxy", prompt="a fox in a RELAX queue")["id"]
         task = wait_final(acme, job)
     assert task["status"] == "SUCCESS"
-    # 3 s queued against a 1 s timeout, and never failed meanwhile: each poll that found
+    # 5 s queued against a 2 s timeout, and never failed meanwhile: each poll that found
     # the task queued there restarted the timeout.
     statuses = [orjson.loads(fields[b"data"])["status"] for fields in history(r, "acme", job)]
     assert "FAILURE" not in statuses and statuses[-1] == "SUCCESS", statuses
