@@ -75,7 +75,7 @@ async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive,
         update = checked
     started = perf_counter()
     outcome = await svc.store.apply(claims, update, enforce=True)
-    if outcome.result == "unclaimed":  # it would bind the task: only with the id's claim
+    if outcome.result == "unclaimed":  # (a cluster) it would bind the task: claim the id
         assert update.provider_task_id is not None
         await svc.claims.claim(provider, update.provider_task_id,
                                f"{claims.tenant}/{claims.job_id}")

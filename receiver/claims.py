@@ -9,19 +9,21 @@ first (a tenant who guessed the next AIGC2D id ahead of us keeps a task that can
 nothing: actions go only to tasks this service submitted, see `submitter`).
 
 The claim is one Redis string per id (``Keys.claim``), outside every tenant's slot, so it
-costs a round trip of its own: taken when a URL is minted with the id, when a submit is
-answered, and when a callback first binds a minted task (the transition script answers
-``unclaimed`` instead of storing it, after its duplicate and stale checks; a task already
-bound costs nothing more). A task the submitter sent needs no claim for its callbacks: its
-token went to the provider alone, and the submit's answer takes the claim.
+costs a round trip of its own when a URL is minted with the id or a submit is answered.
+When a callback first binds a minted task, the transition script takes the claim itself on a
+single Redis (the key is declared; nothing more is sent), and on a cluster answers
+``unclaimed`` for `callbacks` to take it and apply again (after its duplicate and stale
+checks, so neither takes a claim). A task already bound costs nothing more. A task the
+submitter sent needs no claim for its callbacks: its token went to the provider alone, and
+the submit's answer takes the claim.
 """
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
-
+from receiver.batcher import ClusterBatcher, ScriptBatcher
 from receiver.constants import Keys
 from receiver.errors import Conflict, InvalidPayload
+from receiver.settings import Settings
 
 MAX_ID = 200  # characters of a provider task id (theirs are 19-40)
 
@@ -30,29 +32,44 @@ class ProviderTaskClaimed(Conflict):
     code = "provider_task_claimed"
 
 
+def claim_ttl(settings: Settings) -> int:
+    """A claim outlives every task that can hold it and every token that can bind one."""
+    return settings.task_ttl + settings.callback_token_ttl
+
+
 class ClaimRegistry:
-    def __init__(self, redis: Redis, keys: Keys, ttl: int) -> None:
-        self.redis, self.keys, self.ttl = redis, keys, ttl
+    """Claims through the transition script's batcher: pipelined with the scripts, on the
+    master of the claim's slot."""
+
+    def __init__(self, batcher: ScriptBatcher | ClusterBatcher, keys: Keys,
+                 settings: Settings) -> None:
+        self.batcher, self.keys, self.ttl = batcher, keys, b"%d" % claim_ttl(settings)
 
     async def claim(self, provider: str, provider_task_id: str, member: str) -> None:
         """Holds the id for ``member`` (``tenant/job``) unless another task holds it."""
-        held = await self.redis.set(self._key(provider, provider_task_id), member, nx=True,
-                                    get=True, ex=self.ttl)
-        if held is not None and held.decode() != member:
+        key = self._key(provider, provider_task_id)
+        held = await self.batcher.keyed(key, b"SET", key, member.encode(), b"NX", b"GET",
+                                        b"EX", self.ttl)
+        if held is not None and held != member.encode():
             raise ProviderTaskClaimed(
                 f"{provider} task {provider_task_id[:80]!r} belongs to another task here")
 
     async def take(self, provider: str, provider_task_id: str, member: str) -> None:
         """The provider answered our own submit with this id: it is ``member``'s."""
-        await self.redis.set(self._key(provider, provider_task_id), member, ex=self.ttl)
+        key = self._key(provider, provider_task_id)
+        await self.batcher.keyed(key, b"SET", key, member.encode(), b"EX", self.ttl)
 
     async def release(self, provider: str, provider_task_id: str, member: str) -> None:
         """Gives the id back if ``member`` holds it (its task was never recorded)."""
         key = self._key(provider, provider_task_id)
-        if await self.redis.get(key) == member.encode():
-            await self.redis.delete(key)
+        if await self.batcher.keyed(key, b"GET", key) == member.encode():
+            await self.batcher.keyed(key, b"DEL", key)
 
-    def _key(self, provider: str, provider_task_id: str) -> str:
-        if len(provider_task_id) > MAX_ID:
-            raise InvalidPayload(f"a provider task id has at most {MAX_ID} characters")
-        return self.keys.claim(provider, provider_task_id)
+    def _key(self, provider: str, provider_task_id: str) -> bytes:
+        return claim_key(self.keys, provider, provider_task_id)
+
+
+def claim_key(keys: Keys, provider: str, provider_task_id: str) -> bytes:
+    if len(provider_task_id) > MAX_ID:
+        raise InvalidPayload(f"a provider task id has at most {MAX_ID} characters")
+    return keys.claim(provider, provider_task_id).encode()

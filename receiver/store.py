@@ -16,6 +16,7 @@ import orjson
 from redis.asyncio import Redis
 
 from receiver.batcher import ClusterBatcher, ScriptBatcher
+from receiver.claims import ProviderTaskClaimed, claim_key, claim_ttl
 from receiver.constants import FIELD_DEFAULTS, TASK_FIELDS, Keys
 from receiver.errors import ReceiverError
 from receiver.models import (
@@ -45,9 +46,17 @@ local op, new_rank, status, kind, ptid = ARGV[1], tonumber(ARGV[2]), ARGV[3], AR
 -- charged and refunded ('2'), q: the request to send.
 local cur = redis.call('HMGET', KEYS[1], 'r', 's', 'p', 'v', 'c', 'a')
 local exists = cur[1] ~= false
--- A provider task id binds a task only once the caller holds its claim (see claims.py),
--- unless the submitter sent the task: its callback token went to the provider alone.
-local unclaimed = ptid ~= '' and ARGV[18] ~= '1' and not cur[3] and not cur[6]
+-- A provider task id binds a task only with its claim (see claims.py): held by the caller
+-- (ARGV[18]), or taken here when its key is given (KEYS[8], a single Redis), else `unclaimed`
+-- for the caller to take it (a cluster: the claim is in a slot of its own). A task the
+-- submitter sent needs none: its callback token went to the provider alone.
+local function claim()
+  if not KEYS[8] then return {'unclaimed'} end
+  local member = ARGV[15] .. '/' .. ARGV[8]
+  local held = redis.call('SET', KEYS[8], member, 'NX', 'GET', 'EX', ARGV[23])
+  if held and held ~= member then return {'claimed'} end
+end
+local must_claim = ptid ~= '' and ARGV[18] ~= '1' and not cur[3] and not cur[6]
 local charged = cur[5]
 local function billing()
   local b = redis.call('HGET', KEYS[1], 'b')
@@ -87,9 +96,15 @@ if exists then
   local cur_rank = tonumber(cur[1])
   if new_rank == cur_rank then return {'duplicate', vals[N]} end
   if new_rank < cur_rank then return {'stale', vals[N]} end
-  if unclaimed then return {'unclaimed'} end
+  if must_claim then
+    local refused = claim()
+    if refused then return refused end
+  end
 else  -- tenant and provider are from a verified token: safe inside quotes
-  if unclaimed then return {'unclaimed'} end
+  if must_claim then
+    local refused = claim()
+    if refused then return refused end
+  end
   for i = 1, N do vals[i] = DEFAULTS[i] or 'null' end
   vals[1], vals[2], vals[3] = '"' .. ARGV[8] .. '"', '"' .. ARGV[15] .. '"', '"' .. ARGV[16] .. '"'
   vals[%(created_at)d] = ARGV[7]
@@ -135,7 +150,7 @@ if bucket > 0 then
     redis.call('EXPIRE', KEYS[7], ARGV[22])
   end
   local size = #ARGV[6] + 3 * #data
-  for i = 23, #ARGV do size = size + #ARGV[i] end
+  for i = 24, #ARGV do size = size + #ARGV[i] end
   local max_tasks, max_bytes = tonumber(ARGV[20]), tonumber(ARGV[21])
   if not exists and max_tasks > 0 and tasks >= max_tasks then return {'quota', 'tasks'} end
   if max_bytes > 0 and bytes + size > max_bytes then return {'quota', 'bytes'} end
@@ -159,8 +174,8 @@ if ptid ~= '' then
 else
   redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored)
 end
-if op == 'create' and #ARGV > 22 then  -- the submitter's control fields
-  redis.call('HSET', KEYS[1], unpack(ARGV, 23))
+if op == 'create' and #ARGV > 23 then  -- the submitter's control fields
+  redis.call('HSET', KEYS[1], unpack(ARGV, 24))
 end
 -- Refund a charged task that fails, where the provider refunds; take the refund back when a
 -- provider SUCCESS replaces a failure we inferred.
@@ -209,7 +224,7 @@ _INDEX_BYTES = {name: b"%d" % i for name, i in _INDEX.items()}
 
 
 class Outcome(NamedTuple):
-    # stored | duplicate | stale | exists | conflict | unclaimed
+    # stored | duplicate | stale | exists | conflict | unclaimed (see `apply`)
     result: str
     version: int | None = None
     event_id: str | None = None
@@ -262,6 +277,7 @@ class TaskStore:
         self._bucket_seconds = max(60, -(-settings.task_ttl // 7))
         self._counting = bool(settings.tenant_max_tasks or settings.tenant_max_bytes)
         self._quota_ttl = b"%d" % (8 * self._bucket_seconds)
+        self._claim_ttl = b"%d" % claim_ttl(settings)
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -284,9 +300,11 @@ class TaskStore:
     async def apply(self, claims: CallbackClaims, update: Update, *, claimed: bool = False,
                     enforce: bool = False) -> Outcome:
         """Store what a provider (or our own inference) says, if it moves the task forward.
-        An update that would bind the task to a provider task id is ``unclaimed`` until the
-        caller holds the id (`claims`); ``enforce``: within the tenant's quotas (a callback;
-        what the service learns itself is always stored)."""
+        An update that would bind a task the submitter did not send to a provider task id
+        takes the id's claim (`claims`; `ProviderTaskClaimed` if another task holds it), or
+        on a cluster answers ``unclaimed`` for the caller to take it (``claimed``: taken).
+        ``enforce``: within the tenant's quotas (a callback; what the service learns itself
+        is always stored)."""
         return await self._transition(
             b"apply", claims, update.rank, update.status, update.raw, update.fields(),
             ptid=update.provider_task_id or "", claimed=claimed, enforce=enforce,
@@ -313,16 +331,20 @@ class TaskStore:
             patch += (_INDEX_BYTES[name], orjson.dumps(value))
         bucket = self._bucket() if self._counting else 0
         max_tasks, max_bytes = self._quotas if enforce else (b"0", b"0")
-        reply = await self.batcher.call(
-            [self.keys.task(tenant, job).encode(), self.keys.history(tenant, job).encode(),
-             stream, last_id, index, usage, quota],
-            [op, rank_, status.value, EVENT_OF_STATUS[status].value, ptid, raw,
-             orjson.dumps(now_iso()), job, channel, *self._limits, b"\0".join(patch),
-             now_ms(), tenant, claims.provider, self._admission, b"1" if claimed else b"0",
-             bucket, max_tasks, max_bytes, self._quota_ttl, *(extra or ())],
-        )
+        keys = [self.keys.task(tenant, job).encode(), self.keys.history(tenant, job).encode(),
+                stream, last_id, index, usage, quota]
+        if ptid and not claimed and not self.settings.redis_cluster:
+            keys.append(claim_key(self.keys, claims.provider, ptid))  # taken inline
+        reply = await self.batcher.call(keys, [
+            op, rank_, status.value, EVENT_OF_STATUS[status].value, ptid, raw,
+            orjson.dumps(now_iso()), job, channel, *self._limits, b"\0".join(patch),
+            now_ms(), tenant, claims.provider, self._admission, b"1" if claimed else b"0",
+            bucket, max_tasks, max_bytes, self._quota_ttl, self._claim_ttl, *(extra or ())])
         if reply[0] == b"quota":
             self._refuse(tenant, reply[1])
+        if reply[0] == b"claimed":
+            raise ProviderTaskClaimed(
+                f"{claims.provider} task {ptid[:80]!r} belongs to another task here")
         if reply[0] != b"stored":
             return Outcome(reply[0].decode(), int(reply[1]) if len(reply) > 1 else None)
         return Outcome("stored", int(reply[1]), reply[2].decode(),

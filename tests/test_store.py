@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from receiver.batcher import ScriptBatcher
+from receiver.claims import ProviderTaskClaimed
 from receiver.models import TaskStatus, Update, new_job_id
 from receiver.redis_server import RedisServer
 from receiver.store import (
@@ -224,23 +225,32 @@ def test_a_task_whose_submit_answer_was_lost_is_charged_by_its_first_callback(
         b"aigc2d|-|IMAGINE|points|tasks": b"1", b"aigc2d|-|IMAGINE|points|spent": b"100"}
 
 
-def test_an_update_that_would_bind_a_task_waits_for_the_claim(
+def test_an_update_that_binds_a_task_takes_the_ids_claim(
     redis_server: RedisServer, r: redis.Redis
 ) -> None:
-    c = claims()
+    """On a single Redis the script takes the claim itself (on a cluster it answers
+    `unclaimed` for the caller to: tests/test_cluster.py)."""
+    c, other = claims(), claims()
 
     async def body(store: TaskStore) -> list[str]:
         await store.create(c)
-        return [
+        await store.create(other)
+        seen = [
             (await store.apply(c, Update(TaskStatus.IN_PROGRESS, 10, "p9"), claimed=False)).result,
-            (await store.apply(c, Update(TaskStatus.IN_PROGRESS, 10, "p9"))).result,
             # bound now: its own id needs no claim, another one is a conflict
             (await store.apply(c, Update(TaskStatus.IN_PROGRESS, 20, "p9"), claimed=False)).result,
             (await store.apply(c, Update(TaskStatus.IN_PROGRESS, 30, "p8"), claimed=False)).result,
         ]
+        try:
+            await store.apply(other, Update(TaskStatus.IN_PROGRESS, 10, "p9"), claimed=False)
+        except ProviderTaskClaimed:
+            seen.append("claimed")
+        return seen
 
-    assert run(redis_server, body) == ["unclaimed", "stored", "stored", "conflict"]
+    assert run(redis_server, body) == ["stored", "stored", "conflict", "claimed"]
     assert stored(redis_server, c)["progress"] == 20
+    assert stored(redis_server, other)["version"] == 1  # nothing stored
+    assert r.get(KEYS.claim("mjproxy", "p9")) == f"acme/{c.job_id}".encode()
 
 
 def test_quotas_count_the_last_task_ttl(redis_server: RedisServer, r: redis.Redis) -> None:
