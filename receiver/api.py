@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from receiver.auth import authenticate
-from receiver.callbacks import read_body
+from receiver.callbacks import decode_body, read_body
 from receiver.constants import JOB_ID_RE
 from receiver.dialects import DIALECTS
 from receiver.errors import BadRequest, NotFound, StoreUnavailable, Unauthorized
@@ -207,6 +207,9 @@ async def json_object(request: Request, limit: int | None = None) -> dict[str, A
                           settings.body_timeout)
     if raw is None:
         raise ClientDisconnect()
+    encoding = request.headers.get("content-encoding")
+    if encoding is not None:
+        raw = decode_body(raw, encoding, limit)
     check_json(raw, settings.max_json_depth, settings.max_json_containers)
     try:
         body = orjson.loads(raw or b"{}")

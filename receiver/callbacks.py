@@ -11,6 +11,7 @@ routing layers (measured in ARCHITECTURE.md); errors still go through the app's 
 from __future__ import annotations
 
 import asyncio
+import zlib
 from time import perf_counter
 from urllib.parse import unquote
 
@@ -19,7 +20,13 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from receiver.dialects import DIALECTS
-from receiver.errors import NotFound, PayloadTooLarge, ReceiverError, StoreUnavailable
+from receiver.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    ReceiverError,
+    StoreUnavailable,
+)
 from receiver.limits import check_json
 from receiver.models import TaskStatus
 from receiver.reconciler import verify
@@ -59,10 +66,12 @@ async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive,
     claims = svc.signer.verify_callback(_token(scope["query_string"]), provider)
     settings = svc.settings
     svc.callback_limiter.take(claims.job_id, "callbacks for this task")
-    body = await read_body(receive, _content_length(scope), settings.max_body_bytes,
-                           settings.body_timeout)
+    length, encoding = _framing(scope)
+    body = await read_body(receive, length, settings.max_body_bytes, settings.body_timeout)
     if body is None:
         return None  # the sender hung up: nobody to answer
+    if encoding is not None:
+        body = decode_body(body, encoding, settings.max_body_bytes)
     check_json(body, settings.max_json_depth, settings.max_json_containers)
     update = parser(body)
     if update.status is TaskStatus.SUCCESS and settings.verify_final:
@@ -132,11 +141,47 @@ class SlowBody(ReceiverError):
     code = "body_timeout"
 
 
-def _content_length(scope: Scope) -> str | None:
+def _framing(scope: Scope) -> tuple[str | None, str | None]:
+    """Content-Length and Content-Encoding, in one pass over the headers."""
+    length = encoding = None
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return str(value.decode("latin-1"))
-    return None
+            length = value.decode("latin-1")
+        elif name == b"content-encoding":
+            encoding = value.decode("latin-1")
+    return length, encoding
+
+
+class UnsupportedEncoding(ReceiverError):
+    status_code = 415
+    code = "unsupported_encoding"
+
+
+_WBITS = {"gzip": (31,), "x-gzip": (31,), "deflate": (15, -15)}  # deflate: zlib, or raw
+
+
+def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body as sent before its Content-Encoding (gzip, deflate, identity), inflated to
+    ``limit`` bytes at most: a small body that inflates past it is a 413 after ``limit``
+    bytes of work, not a bomb."""
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return body
+    tries = _WBITS.get(name)
+    if tries is None:
+        raise UnsupportedEncoding(f"Content-Encoding {name[:40]!r} is not supported: send "
+                                  "gzip, deflate or identity")
+    for wbits in tries:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise PayloadTooLarge(f"the body inflates past the limit of {limit} bytes")
+        if inflater.eof:
+            return out
+    raise BadRequest(f"the body is not valid {name} data")
 
 
 def _token(query_string: bytes) -> str | None:

@@ -18,16 +18,20 @@ from typing import Any
 
 import httpx
 
+from receiver._children import (
+    StartError,
+    die_with_parent,
+    hold,
+    remembered_port,
+    sigterm_unwinds,
+    stop,
+)
 from receiver.logs import log_config
-from receiver.redis_server import RedisServer, RedisServerError, free_port
+from receiver.redis_server import RedisServer, RedisServerError
 from receiver.settings import PROVIDERS, Settings, SettingsError, is_loopback
 
 DATA_DIR = Path(os.environ.get("RECEIVER_DATA_DIR", ".receiver"))
 log = logging.getLogger("receiver")
-
-
-class StartError(RuntimeError):
-    """A child process `receiver serve` needs did not start."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--simulator", action="store_true",
                            help="play every provider without a <PROVIDER>_BASE_URL with the "
                            "built-in simulator (what `make run` does)")
+    serve_cmd.add_argument("--simulator-step-interval", type=float,
+                           default=os.environ.get("SIMULATOR_STEP_INTERVAL", "0.3"),
+                           help="the simulator's seconds between a task's states "
+                           "(SIMULATOR_STEP_INTERVAL; default 0.3)")
     serve_cmd.add_argument("--no-worker", action="store_true",
                            help="no dispatcher and reconciler in this process (run "
                            "`receiver worker` instead)")
@@ -78,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                                   "aigc2d) for local runs and tests")
     sim_cmd.add_argument("--host", default="127.0.0.1", help="address to bind")
     sim_cmd.add_argument("--port", type=int, default=8001, help="port to bind")
-    sim_cmd.add_argument("--step-interval", type=float, default=0.3,
-                         help="seconds between a task's states")
+    sim_cmd.add_argument("--step-interval", type=float,
+                         default=os.environ.get("SIMULATOR_STEP_INTERVAL", "0.3"),
+                         help="seconds between a task's states (SIMULATOR_STEP_INTERVAL; "
+                         "default 0.3)")
     sim_cmd.add_argument("--queue-limit", type=int,
                          help="ohmygpt, aigc2d: unfinished tasks per key before the queue is "
                          "full; mjproxy: tasks a key runs at once (the rest wait)")
@@ -94,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     verbose = args.command in ("serve", "worker")  # the others draw on the terminal
     json_lines = os.environ.get("LOG_FORMAT", "text").lower() == "json"
     logging.config.dictConfig(log_config(json_lines, "INFO" if verbose else "WARNING"))
+    try:
+        return _run(args)
+    except (SettingsError, RedisServerError, StartError) as exc:
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for it, and no traceback
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         return simulate(args)
     if args.command in ("watch", "submit", "cancel"):
@@ -105,13 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cancel":
             return cancel(url, args)
         return watch(url, args.api_key, args.task_id)
-    try:
-        if args.command == "worker":
-            return worker()
+    if args.command == "worker":
+        return worker()
+    with sigterm_unwinds():  # a supervisor's SIGTERM stops the children too
         return serve(args)
-    except (SettingsError, RedisServerError, StartError) as exc:
-        print(f"receiver: {exc}", file=sys.stderr)
-        return 2
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -125,6 +142,12 @@ def serve(args: argparse.Namespace) -> int:
     if settings.open_mode and not is_loopback(host):
         log.warning("no RECEIVER_API_KEYS: binding 127.0.0.1 instead of %s", host)
         host = "127.0.0.1"
+    # One service per data folder (two redis-servers on one append-only file corrupt it).
+    # The children inherit the lock: it is free once they are all gone, however they ended.
+    keep: tuple[int, ...] = ()
+    if not settings.redis_url or args.simulator:
+        keep = (hold(DATA_DIR / "serve.lock",
+                     DATA_DIR / "redis" if not settings.redis_url else DATA_DIR),)
     if not settings.secret_keys:
         # Tokens must outlive a restart, or every task in flight loses its callbacks.
         os.environ["RECEIVER_SECRET_KEYS"] = _local_secret()
@@ -132,11 +155,14 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.update(HOST=host, PORT=str(port))  # the worker's callback URLs point here
     if not args.no_worker:
         os.environ["EMBEDDED_WORKER"] = "true"
-    simulator = _start_simulator(settings) if args.simulator else None
+    simulator = None
+    if args.simulator:
+        simulator = _start_simulator(settings, args.simulator_step_interval, keep)
     embedded = None
     try:
         if not settings.redis_url:
-            embedded = RedisServer(DATA_DIR / "redis").start()
+            embedded = RedisServer(DATA_DIR / "redis", tied=True, pass_fds=keep)
+            embedded.start()
             os.environ["REDIS_URL"] = embedded.url
             log.info("no REDIS_URL: started redis-server on %s (data in %s)",
                      embedded.url, embedded.data_dir)
@@ -157,7 +183,7 @@ def serve(args: argparse.Namespace) -> int:
                 embedded.stop()
         finally:
             if simulator is not None:
-                _stop(simulator)
+                stop(simulator)
     return 0
 
 
@@ -214,12 +240,16 @@ def _post(url: str, path: str, api_key: str | None,
         return None
 
 
-def _start_simulator(settings: Settings) -> subprocess.Popen[bytes]:
-    """Play the providers not configured with the simulator, in a child process."""
-    port = free_port()
+def _start_simulator(settings: Settings, step_interval: float,
+                     keep: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    """Play the providers not configured with the simulator, in a child process, on the
+    port it had last time (tasks in flight at a restart are polled there, and found lost)."""
+    port = remembered_port(DATA_DIR / "simulator_port")
     url = f"http://127.0.0.1:{port}"
-    child = subprocess.Popen([sys.executable, "-m", "receiver.cli", "simulate",
-                              "--port", str(port)], process_group=0)  # as RedisServer's
+    child = subprocess.Popen(
+        [sys.executable, "-m", "receiver.cli", "simulate", "--port", str(port),
+         "--step-interval", str(step_interval)],
+        process_group=0, preexec_fn=die_with_parent(), pass_fds=keep)  # as RedisServer's
     deadline = time.monotonic() + 15
     try:
         while True:
@@ -231,7 +261,7 @@ def _start_simulator(settings: Settings) -> subprocess.Popen[bytes]:
                     raise StartError("the provider simulator did not start") from None
                 time.sleep(0.1)
     except BaseException:  # also Ctrl-C while waiting: no child is left behind
-        _stop(child)
+        stop(child)
         raise
     played = [p for p in PROVIDERS if p not in settings.accounts]
     for provider in played:
@@ -266,15 +296,6 @@ def simulate(args: argparse.Namespace) -> int:
     uvicorn.run(create_simulator(config), host=args.host, port=args.port,
                 timeout_graceful_shutdown=5)
     return 0
-
-
-def _stop(child: subprocess.Popen[bytes]) -> None:
-    child.terminate()
-    try:
-        child.wait(10)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
 
 
 def _local_secret() -> str:

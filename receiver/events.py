@@ -46,6 +46,7 @@ class Event:
     data: bytes
     # Worked out once per event, not once per subscriber (1,000 of them in a fan-out):
     frame: bytes  # the SSE bytes every subscriber is sent (data is one JSON line)
+    chunk: bytes  # the frame as one HTTP/1.1 chunk (``receiver serve``'s streams are chunked)
     key: tuple[int, int]  # the id, in order
     terminal: bool  # a final state's event
 
@@ -55,8 +56,13 @@ class Event:
         event_id, kind = doc["event_id"], doc["event"]
         frame = b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n" % (
             event_id.encode(), kind.encode(), data)
-        return cls(event_id, kind, doc["id"], data, frame, event_key(event_id),
-                   kind in TERMINAL_EVENTS)
+        return cls(event_id, kind, doc["id"], data, frame, chunked(frame),
+                   event_key(event_id), kind in TERMINAL_EVENTS)
+
+
+def chunked(data: bytes) -> bytes:
+    """``data`` as one chunk of an HTTP/1.1 chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 class Sink(Protocol):

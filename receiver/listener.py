@@ -17,9 +17,11 @@ connection's start and ``MAX_HEAD_BYTES``, here and, carried over with the hand-
 `_guard.GuardedProtocol` (uvicorn's protocol with those bounds, and ``BODY_TIMEOUT``).
 
 Responses served here end by closing the connection (``connection: close``), which is how an
-event stream ends anyway. A client that stops reading is cut off once it is a queue's worth
-of events behind or has not drained for ``SSE_SEND_TIMEOUT``; it reconnects with
-Last-Event-ID and loses nothing.
+event stream ends anyway, and a body without a length is chunked (each event one chunk, the
+stream's end the last chunk): readers that buffer a close-delimited body (sseclient-py over
+requests or urllib3) held each event until the next one came. A client that stops reading
+is cut off once it is a queue's worth of events behind or has not drained for
+``SSE_SEND_TIMEOUT``; it reconnects with Last-Event-ID and loses nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from uvicorn.server import ServerState
 from receiver import fastpath
 from receiver._guard import GuardedProtocol, refusal, settings_of
 from receiver.callbacks import receive_callback
+from receiver.events import chunked
 from receiver.sse import CUT, DETACH, PING
 
 if TYPE_CHECKING:
@@ -52,13 +55,15 @@ if TYPE_CHECKING:
 CLOSE_GRACE = 1.0  # seconds a closing connection's client gets to read what is buffered
 _REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 _DISCONNECT = {"type": "http.disconnect"}
+_PING_CHUNK, _CUT_CHUNK, _LAST_CHUNK = chunked(PING), chunked(CUT), b"0\r\n\r\n"
 
 log = logging.getLogger("uvicorn.error")
 access_log = logging.getLogger("uvicorn.access")
 
 
 class StreamProtocol(asyncio.Protocol):
-    __slots__ = ("app_state", "backlog", "buffer", "config", "drained", "gone", "head_cap",
+    __slots__ = ("app_state", "backlog", "buffer", "chunked", "config", "drained", "gone",
+                 "head_cap",
                  "head_time", "hub", "lost", "paused", "requested", "responded", "scope",
                  "send_timeout", "sent", "server_state", "stopping", "sub", "successor",
                  "task_stream", "timer", "transport")
@@ -88,6 +93,7 @@ class StreamProtocol(asyncio.Protocol):
         self.stopping = False  # uvicorn is shutting down: a stream that detaches is cut
         self.lost = False  # the connection is gone
         self.responded = False  # the response's head is written
+        self.chunked = False  # the body goes in chunks, and its last chunk is not yet sent
         self.gone: asyncio.Future[None] | None = None  # what `receive` waits on
         self.paused = False
         self.drained: asyncio.Future[None] | None = None  # what the app's `send` waits on
@@ -259,7 +265,8 @@ class StreamProtocol(asyncio.Protocol):
             transport = self.transport
             if self.sub is None and not self.responded and transport is not None \
                     and not transport.is_closing():
-                self._write_head(500, [(b"content-type", b"text/plain; charset=utf-8")])
+                self._write_head(500, [(b"content-type", b"text/plain; charset=utf-8"),
+                                       (b"content-length", b"21")])
                 transport.write(b"Internal Server Error")
         finally:
             self.scope = None
@@ -283,9 +290,9 @@ class StreamProtocol(asyncio.Protocol):
         elif message["type"] == "http.response.body":
             body = message.get("body", b"")
             if body:
-                transport.write(body)
+                transport.write(chunked(body) if self.chunked else body)
             if not message.get("more_body", False):
-                self._close()
+                self._end()
                 return
         if self.paused:
             if self.drained is None:
@@ -301,6 +308,9 @@ class StreamProtocol(asyncio.Protocol):
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         for name, value in (*self.server_state.default_headers, *headers):
             lines.append(b"%s: %s\r\n" % (name, value))
+        if status not in (204, 304) and not any(n == b"content-length" for n, _ in headers):
+            lines.append(b"transfer-encoding: chunked\r\n")
+            self.chunked = True
         lines.append(b"connection: close\r\n\r\n")
         self.transport.write(b"".join(lines))
         self.responded = True
@@ -346,18 +356,25 @@ class StreamProtocol(asyncio.Protocol):
             if self.hub is not None and self.backlog > self.hub.queue_limit:
                 self._fell_behind()
                 return
-        transport.write(event.frame)
+        transport.write(event.chunk if self.chunked else event.frame)
         if self.task_stream and event.terminal:
-            self._close()
+            self._end()
 
     def cut(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(CUT)
-        self._close()
+            self.transport.write(_CUT_CHUNK if self.chunked else CUT)
+        self._end()
 
     def ping(self) -> None:
         if self.transport is not None and not self.paused and not self.transport.is_closing():
-            self.transport.write(PING)
+            self.transport.write(_PING_CHUNK if self.chunked else PING)
+
+    def _end(self) -> None:
+        """The response's end: its last chunk, then the close."""
+        if self.chunked and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_LAST_CHUNK)
+        self.chunked = False
+        self._close()
 
     def _stalled(self) -> None:
         if self.hub is not None:  # (a client cut off in `deliver` is counted by the hub)

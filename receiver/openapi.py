@@ -87,9 +87,11 @@ _CLAIMED = "provider_task_claimed: another task holds that provider task id"
 _BODY_ERRORS = {
     "400": _error("bad_request: the body is not a JSON object, or a field is not valid"),
     "408": _error("body_timeout: the body did not arrive in time"),
-    "413": _error("payload_too_large: the body is over MAX_BODY_BYTES; json_too_deep: "
-                  "nested deeper than MAX_JSON_DEPTH; json_too_complex: more objects and "
-                  "arrays than MAX_JSON_CONTAINERS"),
+    "413": _error("payload_too_large: the body is over MAX_BODY_BYTES (inflated, if gzip "
+                  "or deflate); json_too_deep: nested deeper than MAX_JSON_DEPTH; "
+                  "json_too_complex: more objects and arrays than MAX_JSON_CONTAINERS"),
+    "415": _error("unsupported_encoding: a Content-Encoding other than gzip, deflate or "
+                  "identity"),
 }
 
 _LEDGER_COUNTERS = {
@@ -511,6 +513,7 @@ SCHEMA: dict[str, Any] = {
                     "408": _BODY_ERRORS["408"],
                     "409": _error(f"{_CLAIMED}: nothing stored"),
                     "413": _BODY_ERRORS["413"],
+                    "415": _BODY_ERRORS["415"],
                     "429": _error("rate_limited: too many callbacks for this task; retry "
                                   f"after Retry-After; {_TASK_QUOTA}", _RETRY_AFTER),
                     **_QUOTA,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import redis
 
+from receiver._children import die_with_parent
+
 
 class RedisServerError(RuntimeError):
     pass
@@ -24,16 +26,21 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process on loopback, its data in ``data_dir``."""
+    """One redis-server process on loopback, its data in ``data_dir``.
+
+    ``tied``: it gets SIGTERM when the thread that starts it ends, however (Linux), and
+    holds ``pass_fds`` open until it ends (`receiver serve`'s lock on its data folder)."""
 
     def __init__(
         self, data_dir: Path, port: int | None = None, persist: bool = True,
-        extra_args: Sequence[str] = (),
+        extra_args: Sequence[str] = (), tied: bool = False, pass_fds: Sequence[int] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
         self.extra_args = list(extra_args)
+        self.tied = tied
+        self.pass_fds = tuple(pass_fds)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,6 +67,8 @@ class RedisServer:
             # Its own process group: a terminal's Ctrl-C reaches the service, which stops
             # this last, not Redis first with the service still shutting down on it.
             process_group=0,
+            preexec_fn=die_with_parent() if self.tied else None,
+            pass_fds=self.pass_fds,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout

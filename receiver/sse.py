@@ -138,7 +138,9 @@ class EventStream:
             detached = False
             try:
                 await self._send(send, _HEADERS)
-                await self._send(send, b": receiver\r\nretry: %d\r\n\r\n" % settings.sse_retry_ms)
+                # No blank line: it would end an event with no data, which some clients
+                # (fetch-event-source, httpx-sse) hand over as an empty message.
+                await self._send(send, b": receiver\r\nretry: %d\r\n" % settings.sse_retry_ms)
                 sent = event_key(self.last) if self.last else (0, 0)
                 async for event in _history(self.svc, self.tenant, self.task_id, self.last):
                     if sub.cut_off:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import httpx
 import orjson
@@ -224,3 +226,27 @@ def test_no_callback_token_is_stored_when_the_provider_echoes_it(
     blob = every_value(r)
     assert b"[redacted]" in blob
     assert not any(token in blob for token in tokens)
+
+
+def test_compressed_bodies_are_inflated_within_the_limit(acme: httpx.Client) -> None:
+    body = sample("mjproxy-progress.json")
+    job, url = mint(acme)
+    gz = acme.post(url, content=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    assert gz.status_code == 200 and gz.json()["result"] == "stored", gz.text
+    deflated = zlib.compress(body.replace(b"IN_PROGRESS", b"SUCCESS"))
+    ok = acme.post(url, content=deflated, headers={"Content-Encoding": "deflate"})
+    assert ok.json()["result"] == "stored"
+    assert acme.get(f"/tasks/{job}").json()["status"] == "SUCCESS"
+
+    _, other = mint(acme)
+    bomb = gzip.compress(b'{"id":"x","status":"IN_PROGRESS","x":"' + b" " * 5_000_000 + b'"}')
+    assert len(bomb) < 10_000
+    refused = acme.post(other, content=bomb, headers={"Content-Encoding": "gzip"})
+    assert refused.status_code == 413 and "inflates" in refused.json()["detail"]
+    brotli = acme.post(other, content=body, headers={"Content-Encoding": "br"})
+    assert brotli.status_code == 415 and brotli.json()["error"] == "unsupported_encoding"
+    broken = acme.post(other, content=b"not gzip", headers={"Content-Encoding": "gzip"})
+    assert broken.status_code == 400
+    minted = acme.post("/callback-urls", content=gzip.compress(b'{"provider": "mjproxy"}'),
+                       headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert minted.status_code == 201, minted.text

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -88,7 +89,7 @@ def test_ctrl_c_stops_the_service_before_its_redis_and_simulator(tmp_path: Path)
         stream.close()
         if proc.poll() is None:
             proc.kill()
-    assert data.endswith(b": cut off: reconnect with Last-Event-ID\r\n")
+    assert data.endswith(b": cut off: reconnect with Last-Event-ID\r\n\r\n0\r\n\r\n")
     output = (tmp_path / "serve.log").read_text()
     assert "lost" not in output and "Error" not in output, output  # Redis outlived the app
     assert not embedded_redis_alive(output)  # and was stopped after it
@@ -230,3 +231,26 @@ def test_the_procfile_runs_under_honcho(
     output = (tmp_path / "honcho.log").read_text()
     assert "web.1" in output and "worker.1" in output
     assert task["provider"] == "mjproxy" and task["image_url"]
+
+
+def test_ctrl_c_ends_watch_quietly_with_status_130(
+        make_server: Callable[..., LiveServer], r: redis.Redis) -> None:
+    server = make_server()
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "receiver.cli", "watch", "--url", server.url,
+         "--api-key", "key-acme"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while "receiver_sse_connections 1.0" not in httpx.get(f"{server.url}/metrics").text:
+            assert watcher.poll() is None, watcher.communicate()
+            assert time.monotonic() < deadline, "watch did not connect"
+            time.sleep(0.05)
+        watcher.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 130, err
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+    assert len((out + err).splitlines()) <= 2, out + err

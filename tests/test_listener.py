@@ -148,7 +148,9 @@ def test_shutdown_tells_every_stream_to_reconnect(streams: LiveServer) -> None:
     assert not streams.thread.is_alive()
     assert time.monotonic() - started < 5  # not uvicorn's graceful timeout
     for client in clients:
-        assert client.read_to_end().endswith(b": cut off: reconnect with Last-Event-ID\r\n")
+        # the cut-off comment, then the chunked body's end
+        assert client.read_to_end().endswith(
+            b": cut off: reconnect with Last-Event-ID\r\n\r\n0\r\n\r\n")
 
 
 def test_a_connection_that_never_finishes_its_head_is_closed(
