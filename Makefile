@@ -21,6 +21,7 @@ run: install
 
 test: install
 	@command -v chromium >/dev/null || { $(APT) update -q && $(APT) install -y -q chromium; }
+	@command -v npm >/dev/null || { $(APT) update -q && $(APT) install -y -q nodejs npm; }
 	$(BIN)/pytest
 
 check: install check-deploy

@@ -3,15 +3,21 @@ last one within a second of being stored, no message with empty data, one connec
 
 sseclient-py (over requests, and over urllib3) once got each event only when the next came,
 and the last never: the stream was close-delimited and those readers buffer such a body.
-Chromium's EventSource is the dashboard's (tests/test_dashboard.py).
+Node's `eventsource` and `@microsoft/fetch-event-source` come from npm (installed once into
+pytest's cache) and run `tests/sse_clients.mjs`. Chromium's EventSource is the dashboard's
+(tests/test_dashboard.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 import httpx
@@ -121,3 +127,56 @@ def test_every_client_gets_every_event_at_once(server: LiveServer, name: str) ->
     ids = [m[1] for m in got]
     assert len(set(ids)) == len(ids) and all(ids)
     assert got[-1][3] - stored_at < 1.0  # the last one within a second of being stored
+
+
+NODE_CLIENTS = ("eventsource", "fetch-event-source")
+NODE_PACKAGES = ("eventsource@3", "@microsoft/fetch-event-source@2")
+
+
+@pytest.fixture(scope="session")
+def node_clients(request: pytest.FixtureRequest) -> Path:
+    """The npm packages, installed once into pytest's cache (from the npm registry)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.fail("node and npm are needed (make test installs Debian's nodejs and npm)")
+    where = request.config.cache.mkdir("node-sse-clients")
+    if not (where / "node_modules" / "@microsoft" / "fetch-event-source").is_dir():
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent",
+                        "--prefix", str(where), *NODE_PACKAGES], check=True, timeout=300)
+    return where
+
+
+@pytest.mark.parametrize("name", NODE_CLIENTS)
+def test_node_clients_get_every_event_at_once(server: LiveServer, name: str,
+                                              node_clients: Path) -> None:
+    with server.client("key-acme") as acme:
+        job, url = mint(acme)
+        token = acme.post("/subscribe-tokens", json={"task_id": job}).json()["events_url"]
+        reader = subprocess.Popen(
+            ["node", str(Path(__file__).with_name("sse_clients.mjs")), name,
+             f"{server.url}{token}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "NODE_CLIENTS_DIR": str(node_clients)})
+        try:
+            assert reader.stdout is not None
+            first = reader.stdout.readline()  # {"open": true}
+            assert orjson.loads(first) == {"open": True}, first
+            created = orjson.loads(reader.stdout.readline())
+            assert created["event"] == "task.created", created
+            for status, pct in [("IN_PROGRESS", 10), ("IN_PROGRESS", 40), ("SUCCESS", 100)]:
+                assert acme.post(url, content=callback(f"p-{job}", status, pct)).json()[
+                    "result"] == "stored"
+                stored_at = time.time() * 1000
+                time.sleep(0.05)
+            out, err = reader.communicate(timeout=20)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+    lines = [created, *(orjson.loads(line) for line in out.splitlines())]
+    assert reader.returncode == 0, (lines, err)
+    assert [m.get("event") for m in lines] == [
+        "task.created", "task.progress", "task.progress", "task.succeeded"], lines
+    assert all(m["data"] for m in lines), "a message with empty data"
+    assert lines[-1]["t"] - stored_at < 1000  # within a second of being stored (ms)
+    # one connection: no second open, no error
+    assert not any("open" in m or "error" in m for m in lines[1:]), lines
