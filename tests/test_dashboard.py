@@ -4,11 +4,14 @@ receiver, simulator and Redis. The screenshots in docs/ are taken here."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
+import redis
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from receiver.simulator import SimulatorConfig
@@ -178,3 +181,40 @@ def test_another_tenants_tasks_never_appear(stack: Stack, page: Page) -> None:
         "data-status", "SUCCESS", timeout=10_000)
     assert rows(page) == [ours]
     assert theirs["id"] not in page.content() and job not in page.content()
+
+
+def test_chromiums_eventsource_gets_every_event_at_once(
+        make_server: Callable[..., LiveServer], r: redis.Redis, page: Page) -> None:
+    """Chromium's own EventSource on a task's stream: every event, the last within a
+    second of being stored, no message with empty data, one connection."""
+    server = make_server()
+    page.goto(f"{server.url}/healthz")  # the service's origin
+    with server.client("key-acme") as acme:
+        job, url = mint(acme)
+        events_url = acme.post("/subscribe-tokens", json={"task_id": job}).json()["events_url"]
+        page.evaluate("""(url) => {
+            window.got = []; window.opens = 0; window.errors = 0;
+            const source = new EventSource(url);
+            source.onopen = () => { window.opens += 1; };
+            source.onerror = () => { window.errors += 1; };
+            const take = (e) => {
+                const t = performance.timeOrigin + performance.now();
+                window.got.push([e.type, e.lastEventId, e.data, t]);
+                if (e.type === "task.succeeded") source.close();
+            };
+            for (const kind of ["message", "task.created", "task.progress", "task.succeeded"])
+                source.addEventListener(kind, take);
+        }""", events_url)
+        page.wait_for_function("window.got.length === 1")
+        for status, pct in [("IN_PROGRESS", 10), ("IN_PROGRESS", 40), ("SUCCESS", 100)]:
+            body = orjson.dumps({"id": f"p-{job}", "status": status, "progress": f"{pct}%"})
+            assert acme.post(url, content=body).json()["result"] == "stored"
+            stored_at = time.time() * 1000
+            time.sleep(0.05)
+    page.wait_for_function("window.got.length === 4", timeout=5000)
+    got = page.evaluate("window.got")
+    assert [m[0] for m in got] == ["task.created", "task.progress", "task.progress",
+                                   "task.succeeded"], got
+    assert all(m[2] for m in got), "a message with empty data"
+    assert got[-1][3] - stored_at < 1000
+    assert page.evaluate("[window.opens, window.errors]") == [1, 0]
