@@ -13,10 +13,12 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from receiver._children import (
     StartError,
@@ -198,19 +200,18 @@ def worker() -> int:
 
 
 def submit(url: str, args: argparse.Namespace) -> int:
-    body = {"provider": args.provider, "action": args.action, "prompt": args.prompt,
-            "mode": args.mode, "parent_id": args.parent, "button": args.button,
-            "index": args.index, "images": args.image or None, "dimensions": args.dimensions,
-            "mask": args.mask}
-    response = _post(url, "/tasks", args.api_key, {k: v for k, v in body.items() if v is not None})
-    if response is None:
-        return 2
-    if response.status_code != 202:
-        print(f"receiver: {response.status_code} {response.text}", file=sys.stderr)
-        return 1
-    task = response.json()
+    from receiver.client import Client
+
+    fields = {"provider": args.provider, "action": args.action, "prompt": args.prompt,
+              "mode": args.mode, "parent_id": args.parent, "button": args.button,
+              "index": args.index, "images": args.image or None,
+              "dimensions": args.dimensions, "mask": args.mask}
+    with Client(url, args.api_key) as client:
+        task = _task_or_status(lambda: client.submit(**fields))
+    if isinstance(task, int):
+        return task
     if not args.watch:
-        print(response.text)
+        print(orjson.dumps(task).decode())
         return 0
     from receiver.watch import watch
 
@@ -219,25 +220,29 @@ def submit(url: str, args: argparse.Namespace) -> int:
 
 
 def cancel(url: str, args: argparse.Namespace) -> int:
-    response = _post(url, f"/tasks/{args.task_id}/cancel", args.api_key, None)
-    if response is None:
-        return 2
-    if response.status_code != 200:
-        print(f"receiver: {response.status_code} {response.text}", file=sys.stderr)
-        return 1
-    print(response.text)
+    from receiver.client import Client
+
+    with Client(url, args.api_key) as client:
+        task = _task_or_status(lambda: client.cancel(args.task_id))
+    if isinstance(task, int):
+        return task
+    print(orjson.dumps(task).decode())
     return 0
 
 
-def _post(url: str, path: str, api_key: str | None,
-          body: dict[str, Any] | None) -> httpx.Response | None:
-    """POST to the service; None (the reason printed) when it cannot be reached."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def _task_or_status(call: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """The call's task, or the exit status with the reason printed: 2 when the service
+    cannot be reached, 1 when it refused."""
+    from receiver.client import ServiceError, Unreachable
+
     try:
-        return httpx.post(f"{url.rstrip('/')}{path}", headers=headers, timeout=30.0, json=body)
-    except httpx.TransportError as exc:
-        print(f"receiver: cannot reach {url}: {exc}", file=sys.stderr)
-        return None
+        return call()
+    except Unreachable as exc:
+        print(f"receiver: cannot reach {exc.detail}", file=sys.stderr)
+        return 2
+    except ServiceError as exc:
+        print(f"receiver: {exc.status} {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
 
 
 def _start_simulator(settings: Settings, step_interval: float,
