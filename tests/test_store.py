@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,6 +23,8 @@ from receiver.store import (
     StorageQuotaExceeded,
     TaskQuotaExceeded,
     TaskStore,
+    TransitionArgs,
+    TransitionKeys,
 )
 from receiver.tokens import CallbackClaims
 from tests.conftest import KEYS, base_settings
@@ -290,3 +294,18 @@ def test_quotas_count_the_last_task_ttl(redis_server: RedisServer, r: redis.Redi
     assert run(redis_server, body) == [
         "stored", "stored", "stored", "task_quota", "task_quota", "stored",
         "stored", "stored", "storage_quota"]
+
+
+def test_transition_luas_table_names_keys_and_argv_as_store_builds_them() -> None:
+    """The table at the head of transition.lua is the order `store` sends things in."""
+    head = (Path(__file__).resolve().parents[1] / "receiver" / "transition.lua").read_text()
+    table = head.split("-- KEYS", 1)[1].split("\n\n", 1)[0]
+    keys_doc, argv_doc = table.split("-- ARGV", 1)
+    documented = re.findall(r"(\d+) (\w+)", keys_doc)
+    assert [name for _, name in documented][:7] == list(TransitionKeys._fields)
+    assert [int(n) for n, _ in documented][:7] == list(range(1, 8))
+    argv = re.findall(r"(\d+) (\w+)", argv_doc)
+    assert [name for _, name in argv][:len(TransitionArgs._fields)] == \
+        list(TransitionArgs._fields)
+    assert [int(n) for n, _ in argv][:len(TransitionArgs._fields)] == \
+        list(range(1, len(TransitionArgs._fields) + 1))
