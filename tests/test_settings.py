@@ -1,0 +1,47 @@
+"""Settings declared once: each field's variable, default and parser, and the README's
+table kept true by this test."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from starlette.config import Config
+
+from receiver.settings import Settings, SettingsError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_nothing_set_is_every_default() -> None:
+    assert Settings.from_env(Config(environ={})) == Settings()
+
+
+def test_each_variable_is_read_by_its_type() -> None:
+    settings = Settings.from_env(Config(environ={
+        "PORT": "9000", "SSE_PING_SECONDS": "2.5", "VERIFY_FINAL": "true",
+        "TRUSTED_HOSTS": "Example.COM, [::1]", "RECEIVER_API_KEYS": "acme:k1,beta:k2",
+        "PUBLIC_BASE_URL": "", "METRICS_TOKEN": "m", "LOG_FORMAT": "JSON"}))
+    assert (settings.port, settings.sse_ping, settings.verify_final) == (9000, 2.5, True)
+    assert settings.trusted_hosts == ("example.com", "::1")
+    assert settings.api_keys == {"k1": "acme", "k2": "beta"}
+    assert settings.public_base_url is None and str(settings.metrics_token) == "m"
+    assert settings.log_format == "json"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("PORT", "eighty"), ("VERIFY_FINAL", "maybe"), ("SSE_PING_SECONDS", "soon"),
+    ("RECEIVER_API_KEYS", "no-colon"), ("MJPROXY_FLAVOR", "other"),
+])
+def test_a_bad_value_stops_startup_naming_its_variable(name: str, value: str) -> None:
+    env = {name: value, "MJPROXY_BASE_URL": "http://127.0.0.1:9"}
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env(Config(environ=env))
+
+
+def test_the_readme_table_names_every_setting() -> None:
+    section = README.read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", section))
+    missing = set(Settings.variables().values()) - named
+    assert not missing, f"README's settings table does not name {sorted(missing)}"
