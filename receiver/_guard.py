@@ -16,12 +16,14 @@ keep-alive connection is uvicorn's (``timeout_keep_alive``), as before.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from receiver.settings import Settings
@@ -30,6 +32,40 @@ SETTINGS = "receiver.settings"  # the app's Settings in uvicorn's lifespan state
 _DEFAULTS = Settings()
 # Where the parser is: before a request's first byte, in its head, in its body.
 _IDLE, _HEAD, _BODY = 0, 1, 2
+
+
+# What `GuardedProtocol` and `listener.StreamProtocol` use of uvicorn beyond its public API:
+# a uvicorn release that changes any of it gets `receiver serve` on uvicorn's plain protocol
+# (with a warning), not a broken one.
+_METHODS = ("connection_made", "connection_lost", "data_received", "on_message_begin",
+            "on_headers_complete", "on_message_complete", "handle_websocket_upgrade")
+_INIT = ("config", "server_state", "app_state", "_loop")
+_SET_IN_INIT = {
+    HttpToolsProtocol: ("loop", "transport", "flow", "pipeline", "cycle", "server_state"),
+    RequestResponseCycle: ("response_started", "response_complete", "disconnected",
+                           "message_event", "keep_alive"),
+    FlowControl: ("read_paused",),
+}
+_SERVER_STATE = ("connections", "tasks", "total_requests", "default_headers")
+
+
+def uvicorn_contract() -> list[str]:
+    """What of uvicorn's internals this module and the listener use and the installed
+    uvicorn lacks: empty when all is there (tests/test_listener.py holds it to that)."""
+    missing = [f"HttpToolsProtocol.{name}" for name in _METHODS
+               if not callable(getattr(HttpToolsProtocol, name, None))]
+    params = inspect.signature(HttpToolsProtocol.__init__).parameters
+    missing += [f"HttpToolsProtocol({name}=)" for name in _INIT if name not in params]
+    for cls, names in _SET_IN_INIT.items():
+        try:
+            source = inspect.getsource(vars(cls)["__init__"])
+        except (OSError, TypeError):
+            continue  # no source installed: the protocol tests are the judge
+        missing += [f"{cls.__name__}.{name}" for name in names if f"self.{name} " not in source
+                    and f"self.{name}:" not in source]
+    state = ServerState()
+    missing += [f"ServerState.{name}" for name in _SERVER_STATE if not hasattr(state, name)]
+    return missing
 
 
 def settings_of(app_state: dict[str, Any]) -> Settings:

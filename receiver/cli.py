@@ -136,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from receiver._guard import uvicorn_contract
     from receiver.listener import StreamProtocol
 
     settings = Settings.from_env()
@@ -173,7 +174,7 @@ def serve(args: argparse.Namespace) -> int:
         uvicorn.run(
             "receiver.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, access_log=not args.no_access_log,
-            timeout_graceful_shutdown=10, http=StreamProtocol,
+            timeout_graceful_shutdown=10, http=_protocol(StreamProtocol, uvicorn_contract()),
             # X-Forwarded-For and -Proto only from the proxies named (none: ignored)
             proxy_headers=bool(settings.trusted_proxies),
             forwarded_allow_ips=list(settings.trusted_proxies) or None,
@@ -187,6 +188,16 @@ def serve(args: argparse.Namespace) -> int:
             if simulator is not None:
                 stop(simulator)
     return 0
+
+
+def _protocol(ours: type[Any], missing: list[str]) -> type[Any] | str:
+    """Our HTTP protocol, unless this uvicorn lacks what it uses: then uvicorn's own."""
+    if not missing:
+        return ours
+    log.warning("this uvicorn lacks what receiver's HTTP protocol uses (%s): serving with "
+                "uvicorn's plain protocol (no head limits; a task per idle event stream)",
+                ", ".join(missing))
+    return "httptools"
 
 
 def worker() -> int:

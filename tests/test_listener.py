@@ -243,3 +243,18 @@ def test_the_access_log_names_the_client_the_proxy_names(
     [line] = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
     assert line.startswith('203.0.113.7:0 - "GET /events?token=')
     assert line.endswith('HTTP/1.1" 401')
+
+
+def test_the_installed_uvicorn_keeps_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What our protocols use of uvicorn's internals is all there; a release that drops a
+    piece is named (and `receiver serve` falls back to uvicorn's plain protocol)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from receiver._guard import uvicorn_contract
+    from receiver.cli import _protocol
+
+    assert uvicorn_contract() == []
+    assert _protocol(StreamProtocol, []) is StreamProtocol
+    monkeypatch.delattr(HttpToolsProtocol, "on_message_begin")
+    assert uvicorn_contract() == ["HttpToolsProtocol.on_message_begin"]
+    assert _protocol(StreamProtocol, uvicorn_contract()) == "httptools"
