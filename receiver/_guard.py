@@ -101,9 +101,9 @@ class GuardedProtocol(HttpToolsProtocol):
                  head_timer: asyncio.TimerHandle | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         settings = settings_of(app_state)
-        self.head_time = _pick(self.head_timeout, settings.head_timeout)
-        self.head_cap = int(_pick(self.max_head_bytes, settings.max_head_bytes))
-        self.body_time = _pick(self.body_timeout, settings.body_timeout)
+        self.head_time = chosen(self.head_timeout, settings.head_timeout)
+        self.head_cap = int(chosen(self.max_head_bytes, settings.max_head_bytes))
+        self.body_time = chosen(self.body_timeout, settings.body_timeout)
         self.phase = _IDLE
         self.head_bytes = 0  # of the head being read (one read may also hold what follows)
         self.guard = head_timer  # the head's or the body's deadline
@@ -215,5 +215,6 @@ class GuardedProtocol(HttpToolsProtocol):
             cycle.keep_alive = False
 
 
-def _pick(fixed: float | None, setting: float) -> float:
+def chosen(fixed: float | None, setting: float) -> float:
+    """A limit: fixed by the protocol class (tests), else the setting."""
     return setting if fixed is None else fixed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 from typing import Any
 
 import orjson
@@ -11,11 +10,11 @@ from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from receiver.auth import authenticate
+from receiver.auth import authenticate, authenticate_metrics
 from receiver.callbacks import decode_body, read_body
 from receiver.constants import JOB_ID_RE
 from receiver.dialects import DIALECTS
-from receiver.errors import BadRequest, NotFound, StoreUnavailable, Unauthorized
+from receiver.errors import BadRequest, NotFound, StoreUnavailable
 from receiver.limits import check_json
 from receiver.models import TaskStatus, new_job_id
 from receiver.services import Services, services
@@ -92,13 +91,12 @@ async def create_callback_url(request: Request) -> Response:
     if ptid is None:
         outcome = await svc.store.create(claims, **fields)
     else:  # the id is the first task's (see `claims`)
-        member = f"{tenant}/{claims.job_id}"
-        await svc.claims.claim(provider, ptid, member)
+        await svc.claims.claim(claims, ptid)
         try:
             outcome = await svc.store.create(claims, claimed=True, **fields)
         except BaseException:
             with contextlib.suppress(RedisError):
-                await svc.claims.release(provider, ptid, member)
+                await svc.claims.release(claims, ptid)
             raise
     token = svc.signer.mint_callback(claims)
     assert outcome.data is not None  # a fresh job id cannot exist already
@@ -167,20 +165,11 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-class MetricsTokenRequired(Unauthorized):
-    code = "metrics_token_required"
-
-
 async def metrics(request: Request) -> Response:
     """Prometheus metrics; what Redis holds (queue depth, slots) is read now. With
     METRICS_TOKEN set, only for ``Authorization: Bearer <METRICS_TOKEN>``."""
+    authenticate_metrics(request)
     svc = services(request)
-    token = svc.settings.metrics_token
-    if token is not None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), str(token).encode()):
-            raise MetricsTokenRequired("send 'Authorization: Bearer <METRICS_TOKEN>'")
     for name, account in svc.settings.accounts.items():
         waiting, held = await svc.admission.depth(name)
         svc.metrics.queue_depth.labels(name).set(waiting)

@@ -23,6 +23,16 @@ class LoopbackOnly(Forbidden):
     code = "loopback_only"
 
 
+class MetricsTokenRequired(Unauthorized):
+    code = "metrics_token_required"
+
+
+def bearer(request: Request) -> str:
+    """The ``Authorization: Bearer <token>`` token, or "" without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def authenticate(request: Request) -> str:
     """The tenant the request acts for."""
     settings = services(request).settings
@@ -33,9 +43,8 @@ def authenticate(request: Request) -> str:
                 "no RECEIVER_API_KEYS are set, so tenant routes answer loopback clients only"
             )
         return DEFAULT_TENANT
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
+    key = bearer(request)
+    if not key:
         raise MissingApiKey("send your API key as 'Authorization: Bearer <key>'")
     tenant = None
     for known, owner in settings.api_keys.items():  # every key compared, in constant time
@@ -44,3 +53,11 @@ def authenticate(request: Request) -> str:
     if tenant is None:
         raise InvalidApiKey("the API key is not valid")
     return tenant
+
+
+def authenticate_metrics(request: Request) -> None:
+    """``GET /metrics`` with METRICS_TOKEN set: that token, as a bearer token."""
+    token = services(request).settings.metrics_token
+    if token is not None and not hmac.compare_digest(bearer(request).encode(),
+                                                     str(token).encode()):
+        raise MetricsTokenRequired("send 'Authorization: Bearer <METRICS_TOKEN>'")

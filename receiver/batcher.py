@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -101,7 +101,7 @@ class ScriptBatcher:
         self._futures: list[asyncio.Future[Any]] = []
         self._flush_scheduled = False
 
-    async def call(self, keys: list[bytes], args: list[Arg]) -> Any:
+    async def call(self, keys: Sequence[bytes], args: Sequence[Arg]) -> Any:
         """Run the script once; raises redis errors (connection ones included)."""
         reply = await self._send((b"EVALSHA", self.sha, len(keys), *keys, *args))
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
@@ -237,7 +237,7 @@ class ClusterBatcher:
         self.timeout = timeout
         self._masters: dict[str, ScriptBatcher] = {}
 
-    async def call(self, keys: list[bytes], args: list[Arg]) -> Any:
+    async def call(self, keys: Sequence[bytes], args: Sequence[Arg]) -> Any:
         return await self._routed(keys[0], lambda batcher: batcher.call(keys, args))
 
     async def keyed(self, key: bytes, *args: Arg) -> Any:

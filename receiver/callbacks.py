@@ -86,8 +86,7 @@ async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive,
     outcome = await svc.store.apply(claims, update, enforce=True)
     if outcome.result == "unclaimed":  # (a cluster) it would bind the task: claim the id
         assert update.provider_task_id is not None
-        await svc.claims.claim(provider, update.provider_task_id,
-                               f"{claims.tenant}/{claims.job_id}")
+        await svc.claims.claim(claims, update.provider_task_id)
         outcome = await svc.store.apply(claims, update, claimed=True, enforce=True)
     svc.metrics.transition_seconds.observe(perf_counter() - started)
     if outcome.result == "conflict":

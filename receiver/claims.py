@@ -24,6 +24,7 @@ from receiver.batcher import ClusterBatcher, ScriptBatcher
 from receiver.constants import Keys
 from receiver.errors import Conflict, InvalidPayload
 from receiver.settings import Settings
+from receiver.tokens import CallbackClaims
 
 MAX_ID = 200  # characters of a provider task id (theirs are 19-40)
 
@@ -45,28 +46,31 @@ class ClaimRegistry:
                  settings: Settings) -> None:
         self.batcher, self.keys, self.ttl = batcher, keys, b"%d" % claim_ttl(settings)
 
-    async def claim(self, provider: str, provider_task_id: str, member: str) -> None:
-        """Holds the id for ``member`` (``tenant/job``) unless another task holds it."""
-        key = self._key(provider, provider_task_id)
-        held = await self.batcher.keyed(key, b"SET", key, member.encode(), b"NX", b"GET",
-                                        b"EX", self.ttl)
-        if held is not None and held != member.encode():
-            raise ProviderTaskClaimed(
-                f"{provider} task {provider_task_id[:80]!r} belongs to another task here")
+    async def claim(self, owner: CallbackClaims, provider_task_id: str) -> None:
+        """Holds the id (of ``owner``'s provider) for ``owner``'s task unless another task
+        holds it."""
+        key, member = claim_key(self.keys, owner.provider, provider_task_id), holder(owner)
+        held = await self.batcher.keyed(key, b"SET", key, member, b"NX", b"GET", b"EX",
+                                        self.ttl)
+        if held is not None and held != member:
+            raise ProviderTaskClaimed(f"{owner.provider} task {provider_task_id[:80]!r} "
+                                      "belongs to another task here")
 
-    async def take(self, provider: str, provider_task_id: str, member: str) -> None:
-        """The provider answered our own submit with this id: it is ``member``'s."""
-        key = self._key(provider, provider_task_id)
-        await self.batcher.keyed(key, b"SET", key, member.encode(), b"EX", self.ttl)
+    async def take(self, owner: CallbackClaims, provider_task_id: str) -> None:
+        """The provider answered our own submit with this id: it is ``owner``'s."""
+        key = claim_key(self.keys, owner.provider, provider_task_id)
+        await self.batcher.keyed(key, b"SET", key, holder(owner), b"EX", self.ttl)
 
-    async def release(self, provider: str, provider_task_id: str, member: str) -> None:
-        """Gives the id back if ``member`` holds it (its task was never recorded)."""
-        key = self._key(provider, provider_task_id)
-        if await self.batcher.keyed(key, b"GET", key) == member.encode():
+    async def release(self, owner: CallbackClaims, provider_task_id: str) -> None:
+        """Gives the id back if ``owner`` holds it (its task was never recorded)."""
+        key = claim_key(self.keys, owner.provider, provider_task_id)
+        if await self.batcher.keyed(key, b"GET", key) == holder(owner):
             await self.batcher.keyed(key, b"DEL", key)
 
-    def _key(self, provider: str, provider_task_id: str) -> bytes:
-        return claim_key(self.keys, provider, provider_task_id)
+
+def holder(owner: CallbackClaims) -> bytes:
+    """A claim's value: ``tenant/job`` (as the transition script writes it)."""
+    return f"{owner.tenant}/{owner.job_id}".encode()
 
 
 def claim_key(keys: Keys, provider: str, provider_task_id: str) -> bytes:

@@ -86,8 +86,9 @@ class Keys:
         return f"{self.prefix}:usage:{{{tenant}}}"
 
     def quota(self, tenant: str) -> str:
-        """Hash: what the tenant wrote, by time bucket: ``t<bucket>`` tasks created,
-        ``b<bucket>`` bytes (see `store.TaskStore`, which checks it against the quotas)."""
+        """Hash: what the tenant wrote, by time bucket (``t<n>`` tasks created, ``b<n>``
+        bytes) and as totals over the window as of bucket ``N`` (``T``, ``B``); the
+        transition script keeps it and checks it against the quotas."""
         return f"{self.prefix}:quota:{{{tenant}}}"
 
     def claim(self, provider: str, provider_task_id: str) -> str:

@@ -153,7 +153,7 @@ class Dispatcher:
             metrics.submissions.labels(account.provider, "accepted").inc()
             self._delay[account.name] = 0.0
             if provider_task_id:  # ours, whoever claimed the id before (see `claims`)
-                await svc.claims.take(account.provider, provider_task_id, str(member))
+                await svc.claims.take(claims, provider_task_id)
             await svc.store.submitted(claims, Update(
                 TaskStatus.SUBMITTED, provider_task_id=provider_task_id,
                 submitted_at=now_iso()))

@@ -44,7 +44,7 @@ from uvicorn.protocols.utils import (
 from uvicorn.server import ServerState
 
 from receiver import fastpath
-from receiver._guard import GuardedProtocol, refusal, settings_of
+from receiver._guard import GuardedProtocol, chosen, refusal, settings_of
 from receiver.callbacks import receive_callback
 from receiver.events import chunked
 from receiver.sse import CUT, DETACH, PING
@@ -80,10 +80,8 @@ class StreamProtocol(asyncio.Protocol):
         self.server_state = server_state
         self.app_state = app_state
         settings = settings_of(app_state)
-        self.head_time = settings.head_timeout if self.head_timeout is None \
-            else self.head_timeout
-        self.head_cap = settings.max_head_bytes if self.max_head_bytes is None \
-            else self.max_head_bytes
+        self.head_time = chosen(self.head_timeout, settings.head_timeout)
+        self.head_cap = int(chosen(self.max_head_bytes, settings.max_head_bytes))
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.timer: asyncio.TimerHandle | None = None  # the head's deadline; a stall's

@@ -202,11 +202,11 @@ class TaskStore:
             patch += (_INDEX_BYTES[name], orjson.dumps(value))
         bucket = self._bucket() if self._counting else 0
         max_tasks, max_bytes = self._quotas if enforce else (b"0", b"0")
-        keys: list[bytes] = list(TransitionKeys(
+        keys: tuple[bytes, ...] = TransitionKeys(
             self.keys.task(tenant, job).encode(), self.keys.history(tenant, job).encode(),
-            stream, last_id, index, usage, quota))
+            stream, last_id, index, usage, quota)
         if ptid and not claimed and not self.settings.redis_cluster:
-            keys.append(claim_key(self.keys, claims.provider, ptid))  # taken inline
+            keys += (claim_key(self.keys, claims.provider, ptid),)  # taken inline
         stream_maxlen, history_maxlen, ttl = self._limits
         args = TransitionArgs(
             op, rank_, status.value, EVENT_OF_STATUS[status].value, ptid, raw,
@@ -214,7 +214,7 @@ class TaskStore:
             b"\0".join(patch), now_ms(), tenant, claims.provider, self._admission,
             b"1" if claimed else b"0", bucket, max_tasks, max_bytes, self._quota_ttl,
             self._claim_ttl)
-        reply = await self.batcher.call(keys, [*args, *(extra or ())])
+        reply = await self.batcher.call(keys, args + tuple(extra) if extra else args)
         if reply[0] == b"quota":
             self._refuse(tenant, reply[1])
         if reply[0] == b"claimed":
