@@ -27,6 +27,7 @@ test: install
 check: install check-deploy
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # deploy/ against schemas shipped in the dev tools (no Docker, no cluster, no network).
 K8S_VERSION ?= 1.30.0

@@ -34,8 +34,8 @@ import httpx
 import orjson
 import redis
 
-from receiver.constants import Keys
-from receiver.redis_server import RedisServer, free_port
+from receiver.cli.redis_server import RedisServer, free_port
+from receiver.core.constants import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 # Standard Webhooks retries at 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h: the same shape in

@@ -46,9 +46,9 @@ import orjson
 import redis
 import uvloop
 
-from receiver.constants import DEFAULT_PREFIX, Keys
-from receiver.redis_server import RedisServer, free_port
-from receiver.settings import DEFAULT_TENANT
+from receiver.cli.redis_server import RedisServer, free_port
+from receiver.core.constants import DEFAULT_PREFIX, Keys
+from receiver.core.settings import DEFAULT_TENANT
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS_APP = "receiver.app:create_app"

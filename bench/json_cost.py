@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 
 from bench.ingest import ROOT, SERVICE_ENV, machine, receiver_server, write_markdown
-from receiver.limits import TooComplex, check_depth, check_json
-from receiver.redis_server import RedisServer
+from receiver.cli.redis_server import RedisServer
+from receiver.core.limits import TooComplex, check_depth, check_json
 
 ARRAYS = b'{"id":"heavy","status":"IN_PROGRESS","x":[' + b",".join([b"[]"] * 87_000) + b"]}"
 FLAT = b'{"id":"heavy","status":"IN_PROGRESS","x":"' + \

@@ -22,8 +22,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
 
-from receiver.constants import DEFAULT_PREFIX, Keys
-from receiver.settings import DEFAULT_TENANT
+from receiver.core.constants import DEFAULT_PREFIX, Keys
+from receiver.core.settings import DEFAULT_TENANT
 
 
 async def events(request: Request) -> EventSourceResponse:

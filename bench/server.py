@@ -1,7 +1,7 @@
 """``python -m bench.server APP --port P [--http PROTOCOL]``: one uvicorn worker with the
 benches' flags (``ingest.UVICORN_FLAGS``), and an HTTP protocol given as ``module:Class``,
 which uvicorn's command line does not take: ``receiver serve`` runs the receiver with
-``receiver.listener:StreamProtocol``."""
+``receiver.server.streams:StreamProtocol``."""
 
 from __future__ import annotations
 

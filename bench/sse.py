@@ -3,7 +3,7 @@
 Two servers, side by side in one run, on one uvicorn worker each with the same flags and
 against the same throwaway Redis:
 
-- **ours**, ``receiver.app:create_app``: one PSUBSCRIBE per process (``receiver.events``)
+- **ours**, ``receiver.app:create_app``: one PSUBSCRIBE per process (``receiver.events.hub``)
   feeds every SSE client of the process through bounded in-memory queues;
 - **naive**, ``bench.naive_sse:create_app``: the pattern a user would write instead, every
   SSE client opening its own Redis pub/sub subscription to the tenant's channel and
@@ -85,8 +85,8 @@ from bench.sse_report import (
     report,
     slow_seconds,
 )
-from receiver.constants import DEFAULT_PREFIX
-from receiver.redis_server import RedisServer
+from receiver.cli.redis_server import RedisServer
+from receiver.core.constants import DEFAULT_PREFIX
 
 # --- phases --------------------------------------------------------------------------------
 

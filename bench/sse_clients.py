@@ -21,14 +21,14 @@ import orjson
 import redis
 
 from bench.ingest import HOST, OURS_APP, child_server, uvicorn_command
-from receiver.constants import DEFAULT_PREFIX, Keys
-from receiver.redis_server import free_port
-from receiver.settings import DEFAULT_TENANT
+from receiver.cli.redis_server import free_port
+from receiver.core.constants import DEFAULT_PREFIX, Keys
+from receiver.core.settings import DEFAULT_TENANT
 
 NAIVE_APP = "bench.naive_sse:create_app"
 APPS = {"ours": OURS_APP, "asgi": OURS_APP, "naive": NAIVE_APP}
 # The HTTP protocol of each side: `receiver serve`'s, or uvicorn's own (httptools).
-PROTOCOL = {"ours": "receiver.listener:StreamProtocol"}
+PROTOCOL = {"ours": "receiver.server.streams:StreamProtocol"}
 SIDES = ("ours", "asgi", "naive")
 # The sides that take the callbacks themselves (the receiver's app); naive's come from ours.
 PRODUCERS = frozenset({"ours", "asgi"})

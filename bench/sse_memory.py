@@ -49,8 +49,8 @@ from bench.sse_clients import (
     disconnect,
     raise_nofile,
 )
-from receiver.constants import DEFAULT_PREFIX
-from receiver.redis_server import RedisServer, free_port
+from receiver.cli.redis_server import RedisServer, free_port
+from receiver.core.constants import DEFAULT_PREFIX
 
 FRAMES = 40  # deep enough to reach the frame that owns an allocation
 _DUMP_ENV = "BENCH_SSE_MEMORY_DUMP"  # the child's dump file prefix

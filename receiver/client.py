@@ -27,7 +27,7 @@ import httpx
 import orjson
 from httpx_sse import aconnect_sse, connect_sse
 
-from receiver.events import TERMINAL_EVENTS
+from receiver.core.models import TERMINAL_EVENTS
 
 Task = dict[str, Any]
 

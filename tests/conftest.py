@@ -20,13 +20,13 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from starlette.datastructures import Secret
 
-from receiver.app import create_app
-from receiver.constants import Keys
-from receiver.dialects import DIALECTS
-from receiver.listener import StreamProtocol
-from receiver.redis_server import RedisServer, free_port
-from receiver.settings import PROVIDERS, ProviderAccount, Settings
+from receiver.cli.redis_server import RedisServer, free_port
+from receiver.core.constants import Keys
+from receiver.core.settings import PROVIDERS, ProviderAccount, Settings
+from receiver.providers.dialects import DIALECTS
+from receiver.server.streams import StreamProtocol
 from receiver.simulator import SimulatorConfig, create_simulator
+from receiver.web.app import create_app
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 if not SAMPLES.is_dir():  # the samples travel with the repository too

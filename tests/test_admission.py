@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from receiver.admission import Admission, Member
-from receiver.redis_server import RedisServer
+from receiver.cli.redis_server import RedisServer
+from receiver.store.admission import Admission, Member
 from tests.conftest import KEYS
 
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis
 
-from receiver.redis_server import RedisServer, free_port
+from receiver.cli.redis_server import RedisServer, free_port
 from tests.conftest import KEYS, serve_process
 
 TENANTS = ("alice", "mallory", "carol", "dave", "erin", "frank", "grace")

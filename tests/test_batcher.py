@@ -13,8 +13,8 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from receiver.batcher import ScriptBatcher
-from receiver.redis_server import RedisServer
+from receiver.cli.redis_server import RedisServer
+from receiver.store.batcher import ScriptBatcher
 
 SCRIPT = "return ARGV[1]"
 
@@ -78,7 +78,7 @@ def test_a_silent_replacement_connection_is_watched_too() -> None:
 
 
 def test_unreachable_redis_is_a_connection_error() -> None:
-    from receiver.redis_server import free_port
+    from receiver.cli.redis_server import free_port
 
     async def body() -> None:
         batcher = ScriptBatcher(f"redis://127.0.0.1:{free_port()}/0", SCRIPT, timeout=0.5)
@@ -115,7 +115,7 @@ def test_a_connection_lost_before_the_first_write_fails_its_calls_as_redis_error
     not an assertion (a 500; seen once in 10,713 requests of a chaos run)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from receiver.batcher import _RespProtocol
+    from receiver.store.batcher import _RespProtocol
 
     async def scenario() -> BaseException | None:
         proto = _RespProtocol()

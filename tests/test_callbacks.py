@@ -10,7 +10,7 @@ import httpx
 import orjson
 import redis
 
-from receiver.tokens import CallbackClaims, TokenSigner
+from receiver.core.tokens import CallbackClaims, TokenSigner
 from tests.conftest import KEYS, LiveServer, every_value, history, mint, sample
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from receiver.redis_server import RedisServer, free_port
+from receiver.cli.redis_server import RedisServer, free_port
 from receiver.simulator import SimulatorConfig, create_simulator
 from tests.conftest import TIMEOUT, LiveServer, sample, serve_process
 

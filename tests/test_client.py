@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 
+from receiver.cli.redis_server import free_port
 from receiver.client import (
     AsyncClient,
     BadRequest,
@@ -21,7 +22,6 @@ from receiver.client import (
     Unauthorized,
     WaitTimeout,
 )
-from receiver.redis_server import free_port
 from tests.conftest import serve_process
 
 KEYS = "acme:key-acme"

@@ -12,8 +12,8 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 from starlette.datastructures import Secret
 
-from receiver.redis_server import free_port
-from receiver.settings import PROVIDERS, ProviderAccount
+from receiver.cli.redis_server import free_port
+from receiver.core.settings import PROVIDERS, ProviderAccount
 from receiver.simulator import SimulatorConfig, create_simulator
 from tests.conftest import (
     KEYS,

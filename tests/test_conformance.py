@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 import pytest
 
-from receiver.dialects import DIALECTS
-from receiver.errors import InvalidPayload
-from receiver.models import TaskStatus, Update
+from receiver.core.errors import InvalidPayload
+from receiver.core.models import TaskStatus, Update
+from receiver.providers.dialects import DIALECTS
 from tests.fixtures_providers import FIXTURES, ProviderFixture, load_fixture, load_fixtures
 
 TOKEN = "FIXTURE.TOKEN.abc"

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.dialects import DIALECTS, parse, parse_aigc2d, parse_mjproxy, parse_ohmygpt
-from receiver.errors import InvalidPayload
-from receiver.models import TaskStatus
+from receiver.core.errors import InvalidPayload
+from receiver.core.models import TaskStatus
+from receiver.providers.dialects import DIALECTS, parse, parse_aigc2d, parse_mjproxy, parse_ohmygpt
 from tests.conftest import SAMPLES, sample
 
 # Sample files that are not task payloads (answers to a submit) and must be refused as one.
@@ -317,7 +317,7 @@ def test_no_buttons_are_made_up_otherwise(
 
 
 def test_grid_buttons_are_fresh_dicts_built_once_per_id() -> None:
-    from receiver.dialects import _grid_button_parts
+    from receiver.providers.dialects import _grid_button_parts
 
     _grid_button_parts.cache_clear()
     first = parse_mjproxy(_novicezk("SUCCESS", "IMAGINE"))

@@ -1,4 +1,4 @@
-"""receiver.fetch against real HTTP servers on loopback (raw asyncio ones, so that accepted
+"""receiver.providers.fetch against real HTTP servers on loopback (raw asyncio ones, so
 connections can be counted and answers shaped byte by byte). No name is ever looked up in
 DNS: IP literals, ``localhost`` (/etc/hosts), or a resolver the test passes in."""
 
@@ -20,7 +20,13 @@ from typing import Any
 import httpx
 import pytest
 
-from receiver.fetch import FetchPolicy, ImageRefused, address_problem, fetch_image, image_data_url
+from receiver.providers.fetch import (
+    FetchPolicy,
+    ImageRefused,
+    address_problem,
+    fetch_image,
+    image_data_url,
+)
 
 
 def png() -> bytes:

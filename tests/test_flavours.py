@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver.redis_server import RedisServer, free_port
-from receiver.settings import ProviderAccount
+from receiver.cli.redis_server import RedisServer, free_port
+from receiver.core.settings import ProviderAccount
 from tests.conftest import (
     LiveServer,
     Stack,

@@ -28,14 +28,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from itsdangerous import URLSafeTimedSerializer
 
-from receiver.constants import CALLBACK_SALT, JOB_ID_RE, SUBSCRIBE_SALT, TENANT_RE
-from receiver.dialects import DIALECTS
-from receiver.errors import InvalidPayload, ReceiverError
-from receiver.limits import TooComplex, TooDeep, check_json
-from receiver.models import TaskStatus, Update
-from receiver.redis_server import RedisServer
-from receiver.store import redact_tokens
-from receiver.tokens import CallbackClaims, SubscribeClaims, TokenSigner
+from receiver.cli.redis_server import RedisServer
+from receiver.core.constants import CALLBACK_SALT, JOB_ID_RE, SUBSCRIBE_SALT, TENANT_RE
+from receiver.core.errors import InvalidPayload, ReceiverError
+from receiver.core.limits import TooComplex, TooDeep, check_json
+from receiver.core.models import TaskStatus, Update
+from receiver.core.tokens import CallbackClaims, SubscribeClaims, TokenSigner
+from receiver.providers.dialects import DIALECTS
+from receiver.store.tasks import redact_tokens
 from tests.conftest import (
     KEYS,
     SAMPLES,

@@ -16,7 +16,7 @@ from httpx_sse import connect_sse
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.limits import TooComplex, TooDeep, check_depth, check_json
+from receiver.core.limits import TooComplex, TooDeep, check_depth, check_json
 from tests.conftest import LiveServer, mint, sample
 
 ServerFactory = Callable[..., LiveServer]

@@ -14,8 +14,8 @@ import orjson
 import pytest
 import redis
 
-from receiver.listener import StreamProtocol
-from receiver.redis_server import RedisServer
+from receiver.cli.redis_server import RedisServer
+from receiver.server.streams import StreamProtocol
 from tests.conftest import LiveServer, base_settings, mint
 
 HEAD = b"Host: x\r\nAuthorization: Bearer key-acme\r\n\r\n"
@@ -250,8 +250,8 @@ def test_the_installed_uvicorn_keeps_the_contract(monkeypatch: pytest.MonkeyPatc
     piece is named (and `receiver serve` falls back to uvicorn's plain protocol)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    from receiver._guard import uvicorn_contract
-    from receiver.cli import _protocol
+    from receiver.server.guard import uvicorn_contract
+    from receiver.server.run import protocol as _protocol
 
     assert uvicorn_contract() == []
     assert _protocol(StreamProtocol, []) is StreamProtocol

@@ -13,7 +13,7 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.redis_server import RedisServer
+from receiver.cli.redis_server import RedisServer
 from tests.conftest import LiveServer, base_settings, forget_claims, history, mint
 
 Step = tuple[str, int]  # (status, progress)

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from receiver.models import TaskStatus
+from receiver.core.models import TaskStatus
 from receiver.providers import (
     Aigc2dClient,
     BadProviderKey,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.redis_server import free_port
+from receiver.cli.redis_server import free_port
 from tests.conftest import serve_process
 
 ROOT = Path(__file__).resolve().parents[1]

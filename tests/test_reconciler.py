@@ -11,11 +11,11 @@ import pytest
 import redis
 from starlette.datastructures import Secret
 
-from receiver.admission import Member
-from receiver.redis_server import RedisServer, free_port
-from receiver.settings import ProviderAccount
+from receiver.cli.redis_server import RedisServer, free_port
+from receiver.core.settings import ProviderAccount
+from receiver.core.tokens import CallbackClaims, TokenSigner
 from receiver.simulator import SimulatorConfig, create_simulator
-from receiver.tokens import CallbackClaims, TokenSigner
+from receiver.store.admission import Member
 from tests.conftest import (
     KEYS,
     LiveServer,

@@ -12,8 +12,8 @@ import pytest
 import redis
 from starlette.datastructures import Secret
 
-from receiver.redis_server import RedisServer, free_port
-from receiver.settings import ProviderAccount
+from receiver.cli.redis_server import RedisServer, free_port
+from receiver.core.settings import ProviderAccount
 from receiver.simulator import SimulatorConfig, create_simulator
 from tests.conftest import LiveServer, base_settings, history, mint
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import redis
 
-from receiver.redis_server import free_port
+from receiver.cli.redis_server import free_port
 from tests.conftest import TIMEOUT, serve_process
 from tests.test_cli import fresh_env
 
@@ -169,3 +169,33 @@ def test_a_second_serve_refuses_a_data_folder_in_use_and_sigterm_leaves_nothing(
         end(owner, kids)
         if other is not None and other.poll() is None:
             end(other, [])
+
+
+def test_web_workers_take_settings_as_an_object_and_die_with_a_killed_serve(
+        tmp_path: Path) -> None:
+    """``--workers 2``: each web process gets serve's settings (the embedded Redis, the
+    simulator's accounts, the worker) without serve writing them into the environment its
+    children inherit, and none outlives a SIGKILL of serve."""
+    env = {**fresh_env(tmp_path), "SIMULATOR_STEP_INTERVAL": "0.05"}
+    port = int(env["PORT"])
+    proc = serve_process(port, env, tmp_path / "serve.log", "--simulator", "--workers", "2",
+                         inherit=False)
+    kids: list[int] = []
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as client:
+            job = client.post("/tasks", json={"prompt": "a grey fox"}).json()["id"]
+            done = wait_status(client, job, ("SUCCESS", "FAILURE"))
+        assert done["status"] == "SUCCESS", done
+        kids = children(proc.pid)
+        web = [k for k in kids if "multiprocessing" in command(k) and "spawn_main" in command(k)]
+        assert len(web) == 2, [command(k) for k in kids]
+        for pid in web:
+            inherited = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            names = {item.partition(b"=")[0] for item in inherited}
+            assert not names & {b"REDIS_URL", b"EMBEDDED_WORKER", b"MJPROXY_BASE_URL",
+                                b"RECEIVER_SECRET_KEYS"}, names
+        proc.kill()
+        proc.wait(30)
+        print(f"{len(kids)} children gone {wait_gone(kids, 20):.2f} s after the SIGKILL")
+    finally:
+        end(proc, kids)

@@ -30,10 +30,10 @@ from schemathesis.specs.openapi.checks import (
 )
 from starlette.datastructures import Secret
 
-from receiver.dialects import DIALECTS
-from receiver.openapi import SCHEMA
-from receiver.redis_server import RedisServer
-from receiver.settings import PROVIDERS, ProviderAccount
+from receiver.cli.redis_server import RedisServer
+from receiver.core.settings import PROVIDERS, ProviderAccount
+from receiver.providers.dialects import DIALECTS
+from receiver.web.openapi import SCHEMA
 from tests.conftest import LiveServer, base_settings, mint
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,

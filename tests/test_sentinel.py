@@ -12,7 +12,7 @@ import orjson
 import pytest
 import redis
 
-from receiver.redis_server import RedisServer, free_port
+from receiver.cli.redis_server import RedisServer, free_port
 from tests.conftest import LiveServer, base_settings, mint
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from starlette.config import Config
 
-from receiver.settings import Settings, SettingsError
+from receiver.core.settings import Settings, SettingsError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

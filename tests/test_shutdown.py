@@ -13,7 +13,7 @@ import orjson
 import redis
 from httpx_sse import connect_sse
 
-from receiver.redis_server import RedisServer, free_port
+from receiver.cli.redis_server import RedisServer, free_port
 from tests.conftest import TIMEOUT, history, serve_process
 
 SENDERS = 8

@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from receiver.dialects import parse
-from receiver.models import TaskStatus, Update
-from receiver.redis_server import free_port
+from receiver.cli.redis_server import free_port
+from receiver.core.models import TaskStatus, Update
+from receiver.providers.dialects import parse
 from receiver.simulator import (
     AIGC2D_FIRST_ID,
     DESCRIBE_TEXT,

@@ -22,7 +22,7 @@ import httpx
 import orjson
 import pytest
 
-from receiver.redis_server import RedisServer, free_port
+from receiver.cli.redis_server import RedisServer, free_port
 from tests.conftest import LiveServer, mint, serve_process
 
 ServerFactory = Callable[..., LiveServer]

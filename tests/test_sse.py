@@ -18,9 +18,9 @@ from httpx_sse import connect_sse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.events import event_key
-from receiver.listener import StreamProtocol
-from receiver.redis_server import RedisServer
+from receiver.cli.redis_server import RedisServer
+from receiver.events.hub import event_key
+from receiver.server.streams import StreamProtocol
 from tests.conftest import KEYS, TIMEOUT, LiveServer, base_settings, mint
 
 ACME = {"Authorization": "Bearer key-acme"}
@@ -328,7 +328,7 @@ def test_consumer_group_redelivers_unacknowledged_events(
 ) -> None:
     from redis.asyncio import Redis
 
-    from receiver.consumer import EventConsumer
+    from receiver.events.consumer import EventConsumer
 
     async def main() -> None:
         client = Redis.from_url(redis_server.url)

@@ -30,7 +30,7 @@ import urllib3
 from aiohttp_sse_client import client as aiohttp_sse
 from httpx_sse import connect_sse
 
-from receiver.listener import StreamProtocol
+from receiver.server.streams import StreamProtocol
 from tests.conftest import LiveServer, mint
 
 ACME = {"Authorization": "Bearer key-acme"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 import orjson
@@ -13,11 +13,12 @@ import redis
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from receiver.batcher import ScriptBatcher
-from receiver.claims import ProviderTaskClaimed
-from receiver.models import TaskStatus, Update, new_job_id
-from receiver.redis_server import RedisServer
-from receiver.store import (
+from receiver.cli.redis_server import RedisServer
+from receiver.core.models import TaskStatus, Update, new_job_id
+from receiver.core.tokens import CallbackClaims
+from receiver.store.batcher import ScriptBatcher
+from receiver.store.claims import ProviderTaskClaimed
+from receiver.store.tasks import (
     TRANSITION,
     Outcome,
     StorageQuotaExceeded,
@@ -26,7 +27,6 @@ from receiver.store import (
     TransitionArgs,
     TransitionKeys,
 )
-from receiver.tokens import CallbackClaims
 from tests.conftest import KEYS, base_settings
 
 
@@ -298,12 +298,17 @@ def test_quotas_count_the_last_task_ttl(redis_server: RedisServer, r: redis.Redi
 
 def test_transition_luas_table_names_keys_and_argv_as_store_builds_them() -> None:
     """The table at the head of transition.lua is the order `store` sends things in."""
-    head = (Path(__file__).resolve().parents[1] / "receiver" / "transition.lua").read_text()
+    head = (files("receiver.store") / "transition.lua").read_text()
     table = head.split("-- KEYS", 1)[1].split("\n\n", 1)[0]
     keys_doc, argv_doc = table.split("-- ARGV", 1)
     documented = re.findall(r"(\d+) (\w+)", keys_doc)
-    assert [name for _, name in documented][:7] == list(TransitionKeys._fields)
-    assert [int(n) for n, _ in documented][:7] == list(range(1, 8))
+    fields = len(TransitionKeys._fields)
+    assert [name for _, name in documented] == [*TransitionKeys._fields, "claim"]
+    assert [int(n) for n, _ in documented] == list(range(1, fields + 2))
+    # the header's map from a status to its index's position, and the claim's
+    assert "local STATUS_INDEX = {NOT_START = 8, SUBMITTED = 9, IN_PROGRESS = 10, " \
+        "MODAL = 11, SUCCESS = 12, FAILURE = 13, CANCEL = 14}" in TRANSITION
+    assert f"local CLAIM = {fields + 1}" in TRANSITION
     argv = re.findall(r"(\d+) (\w+)", argv_doc)
     assert [name for _, name in argv][:len(TransitionArgs._fields)] == \
         list(TransitionArgs._fields)

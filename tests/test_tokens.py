@@ -8,8 +8,8 @@ import time
 import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from receiver.constants import CALLBACK_SALT, SUBSCRIBE_SALT
-from receiver.tokens import (
+from receiver.core.constants import CALLBACK_SALT, SUBSCRIBE_SALT
+from receiver.core.tokens import (
     BadToken,
     CallbackClaims,
     ExpiredToken,

@@ -11,7 +11,7 @@ import orjson
 import redis
 from rich.console import Console
 
-from receiver.watch import watch
+from receiver.cli.watch import watch
 from tests.conftest import KEYS, LiveServer, base_settings, mint
 
 

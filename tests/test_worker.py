@@ -4,6 +4,7 @@ reconciler."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
@@ -11,8 +12,9 @@ import orjson
 import pytest
 import redis
 
-from receiver.redis_server import free_port
+from receiver.cli.redis_server import free_port
 from receiver.simulator import SimulatorConfig
+from receiver.worker import Worker
 from tests.conftest import (
     KEYS,
     LiveServer,
@@ -311,3 +313,29 @@ def test_a_refund_is_taken_back_when_a_late_success_replaces_a_timeout(stack: St
             time.sleep(0.05)
         assert acme.get("/usage").json()["totals"]["points"] == {
             "tasks": 1, "spent": 100, "refunded": 0, "net": 100}
+
+
+def test_the_shutdown_deadline_is_not_swallowed_by_a_worker_that_will_not_stop() -> None:
+    """The lifespan bounds its shutdown with asyncio.timeout; `Worker.stop` once caught the
+    deadline's CancelledError as if it were the worker's own, so the deadline passed
+    unseen and the process hung in its shutdown (seen once on Ctrl-C)."""
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def will_not_stop() -> None:  # a loop that catches its own cancellation
+            while not release.is_set():
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    await release.wait()
+
+        worker = object.__new__(Worker)  # no loops of its own: only stop() is under test
+        worker._task = asyncio.create_task(will_not_stop())
+        await asyncio.sleep(0)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await worker.stop()
+        release.set()
+        await worker._task
+
+    asyncio.run(scenario())

@@ -1,4 +1,6 @@
-"""Provider clients: submit a task with our callback URL, fetch a task's state, cancel.
+"""The providers: their clients (submit a task with our callback URL, fetch a task's state,
+cancel), how their callbacks read (`dialects`), prices (`pricing`) and fetching a tenant's
+image inputs safely (`fetch`).
 
 One client per provider account, with explicit timeouts and limits. Every answer is
 classified by its provider's table (`receiver.providers._answers`): accepted (with the
@@ -8,6 +10,7 @@ could submit the task twice.
 
 from __future__ import annotations
 
+from receiver.core.buttons import button_action
 from receiver.providers._aigc2d import ASSUMPTIONS as AIGC2D_ASSUMPTIONS
 from receiver.providers._aigc2d import Aigc2dClient
 from receiver.providers._answers import Outcome, Row, classify
@@ -15,7 +18,6 @@ from receiver.providers._base import (
     ACTIONS,
     ProviderClient,
     SubmitRequest,
-    button_action,
     dialog_input,
     find_button,
     grid_position,

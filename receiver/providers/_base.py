@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import orjson
 
-from receiver.dialects import DIALECTS
-from receiver.models import Update
+from receiver.core.buttons import button_action
+from receiver.core.models import Update
 from receiver.providers._answers import Outcome, Row, classify, refusal
 from receiver.providers._errors import (
     CannotCancel,
@@ -19,14 +19,9 @@ from receiver.providers._errors import (
     ProviderDown,
     UnknownTask,
 )
+from receiver.providers.dialects import DIALECTS
 
 ACTIONS = ("IMAGINE", "UPSCALE", "VARIATION", "REROLL", "ZOOM", "PAN", "DESCRIBE", "BLEND")
-# A button's custom id names its action somewhere in it: MJ::JOB::upsample::1::<hash>,
-# MJ::JOB::high_variation::1::…, MJ::Outpaint::50::1::…, MJ::CustomZoom::…, MJ::JOB::pan_left::…,
-# MJ::Inpaint::1::… (Vary Region)
-_BUTTON_MARKERS = (("upsample", "UPSCALE"), ("variation", "VARIATION"), ("reroll", "REROLL"),
-                   ("outpaint", "ZOOM"), ("customzoom", "ZOOM"), ("pan_", "PAN"),
-                   ("inpaint", "VARIATION"))
 # Buttons that open a dialog, and the input it needs (trueai answers them with code 21).
 DIALOGS = (("MJ::CustomZoom::", "prompt"), ("MJ::Inpaint::", "mask"))
 
@@ -42,12 +37,6 @@ class SubmitRequest:
     mode: str | None = None
     dimensions: str | None = None
     mask: str | None = None  # vary region: the mask, a data URL
-
-
-def button_action(custom_id: str) -> str | None:
-    """The action a button performs, from its custom id."""
-    lowered = custom_id.lower()
-    return next((action for marker, action in _BUTTON_MARKERS if marker in lowered), None)
 
 
 def dialog_input(custom_id: str | None) -> str | None:

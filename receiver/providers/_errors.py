@@ -8,7 +8,7 @@ account; everything else fails the task with the provider's own words.
 
 from __future__ import annotations
 
-from receiver.errors import ReceiverError
+from receiver.core.errors import ReceiverError
 
 
 class ProviderError(ReceiverError):

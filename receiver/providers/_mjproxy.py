@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 import httpx
 import orjson
 
-from receiver.dialects import DIALECTS
-from receiver.errors import ReceiverError
-from receiver.models import Update
+from receiver.core.errors import ReceiverError
+from receiver.core.models import Update
+from receiver.core.settings import MJPROXY_FLAVORS
 from receiver.providers._answers import ACCEPTED, MJPROXY, Outcome, refusal
 from receiver.providers._base import (
     ProviderClient,
@@ -30,7 +30,7 @@ from receiver.providers._base import (
     task_id,
 )
 from receiver.providers._errors import InvalidRequest, ProviderDown
-from receiver.settings import MJPROXY_FLAVORS
+from receiver.providers.dialects import DIALECTS
 
 FLAVORS = MJPROXY_FLAVORS
 _REMIX = frozenset({"VARIATION", "PAN", "REROLL"})  # trueai's remix dialog, with a prompt

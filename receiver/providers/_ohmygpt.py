@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from receiver.models import Update
+from receiver.core.models import Update
 from receiver.providers._answers import ACCEPTED, OHMYGPT, Outcome, refusal
 from receiver.providers._base import ProviderClient, SubmitRequest, int_id, require, task_id
 from receiver.providers._errors import InvalidRequest

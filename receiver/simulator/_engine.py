@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from receiver.logs import redact
+from receiver.core.logs import redact
 from receiver.simulator._config import Faults, SimError, SimulatorConfig
 from receiver.simulator._render import encode, render, wrap_ohmygpt
 from receiver.simulator._tasks import (

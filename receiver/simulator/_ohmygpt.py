@@ -14,7 +14,7 @@ from dataclasses import replace
 from starlette.requests import Request
 from starlette.responses import Response
 
-from receiver.providers import button_action
+from receiver.core.buttons import button_action
 from receiver.simulator._config import SimError
 from receiver.simulator._http import (
     base_url,

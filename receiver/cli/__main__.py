@@ -1,0 +1,3 @@
+from receiver.cli.main import main
+
+raise SystemExit(main())

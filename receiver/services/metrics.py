@@ -1,0 +1,88 @@
+"""``GET /metrics``: Prometheus metrics, one registry per app (tests run several in one
+process; a process runs one).
+
+The callback path pays for two of them (a counter and a histogram), through children cached
+by label so no lookup takes prometheus-client's lock per request. What Redis or the event hub
+already knows (queue depth, slots in use, SSE clients, clients cut off) is read when scraped
+instead of being counted twice.
+
+With ``uvicorn --workers N`` each worker process has its own registry; scrape them behind
+one port only with prometheus-client's multiprocess mode, or run one worker per pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from receiver.events.hub import EventHub
+
+# Transitions take about a millisecond when Redis is near; the tail is what matters.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.callbacks = Counter(
+            "receiver_callbacks", "Callbacks received, by provider and outcome (stored, "
+            "duplicate, stale, or the error code they were refused with)",
+            ["provider", "outcome"], registry=r)
+        self.transition_seconds = Histogram(
+            "receiver_transition_seconds", "Time to store one callback's transition in Redis",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.redis_errors = Counter(
+            "receiver_redis_errors", "Redis commands that failed, by where", ["where"],
+            registry=r)
+        self.submissions = Counter(
+            "receiver_submissions", "Tasks sent to providers, by provider and result "
+            "(accepted, queue_full, busy, auth, requeued, refused, unanswered)",
+            ["provider", "result"], registry=r)
+        self.polls = Counter(
+            "receiver_reconciler_polls", "Provider polls by the reconciler, by provider and "
+            "result (stored, unchanged, unknown, error)", ["provider", "result"], registry=r)
+        self.inferred_failures = Counter(
+            "receiver_inferred_failures", "Tasks failed as timed out by the reconciler",
+            ["provider"], registry=r)
+        self.queue_depth = Gauge(
+            "receiver_admission_queue_depth", "Tasks waiting for a slot, per account",
+            ["account"], registry=r)
+        self.slots_in_use = Gauge(
+            "receiver_admission_slots_in_use", "Tasks sent and not yet final, per account",
+            ["account"], registry=r)
+        self.slots_limit = Gauge(
+            "receiver_admission_slots_limit", "The account's limit of unfinished tasks",
+            ["account"], registry=r)
+        self._callback_children: dict[tuple[str, str], Counter] = {}
+
+    def callback(self, provider: str, outcome: str) -> None:
+        child = self._callback_children.get((provider, outcome))
+        if child is None:
+            child = self._callback_children[(provider, outcome)] = self.callbacks.labels(
+                provider, outcome)
+        child.inc()
+
+    def watch_hub(self, hub: EventHub) -> None:
+        self.registry.register(_HubCollector(hub))
+
+    def render(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _HubCollector(Collector):
+    def __init__(self, hub: EventHub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("receiver_sse_connections", "Open SSE streams",
+                                value=self.hub.client_count())
+        yield CounterMetricFamily("receiver_sse_dropped", "SSE clients cut off for falling "
+                                  "behind", value=self.hub.dropped)

@@ -1,0 +1,20 @@
+"""Tasks: a tenant's routes for its tasks. Minting callback URLs and subscribe tokens,
+reading and listing tasks (`routes`); submitting, cancelling, providers and the cost ledger
+(`submit`)."""
+
+from starlette.routing import Route
+
+from receiver.tasks import routes, submit
+
+ROUTES = [
+    Route("/callback-urls", routes.create_callback_url, methods=["POST"]),
+    Route("/subscribe-tokens", routes.create_subscribe_token, methods=["POST"]),
+    Route("/tasks", routes.list_tasks, methods=["GET"]),
+    Route("/tasks", submit.create_task, methods=["POST"]),
+    Route("/tasks/{job_id}", routes.get_task, methods=["GET"]),
+    Route("/tasks/{job_id}/cancel", submit.cancel_task, methods=["POST"]),
+    Route("/usage", submit.get_usage, methods=["GET"]),
+    Route("/providers", submit.list_providers, methods=["GET"]),
+]
+
+__all__ = ["ROUTES"]

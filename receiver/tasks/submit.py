@@ -1,0 +1,296 @@
+"""``POST /tasks`` and ``GET /usage``: a tenant's task, checked, recorded, queued.
+
+Everything that can be known before the provider sees the task is checked here, so a mistake
+is a 4xx now and not a failed task later: the action and its inputs, the parent (the tenant's,
+submitted by this service, of the same provider, finished, with the button pressed), the
+mode (an action keeps its parent's: the providers' account pools are separate), the price.
+The record is written before anything is sent, so a callback that beats the provider's
+answer finds its task; the dispatcher (`receiver.worker.dispatcher`) sends it when the account has
+a free slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from receiver.core.errors import BadRequest, Conflict
+from receiver.core.models import TaskStatus, Update, new_job_id
+from receiver.core.tokens import CallbackClaims
+from receiver.providers import (
+    ACTIONS,
+    Aigc2dClient,
+    CannotCancel,
+    ModeMismatch,
+    ProviderClient,
+    SubmitRequest,
+    UnknownParent,
+    button_action,
+    dialog_input,
+    find_button,
+)
+from receiver.providers.fetch import FetchPolicy, image_data_url
+from receiver.providers.pricing import usage_report
+from receiver.services.auth import authenticate
+from receiver.services.container import Services, services
+from receiver.services.http import JSONResponse, json_object, task_or_404
+from receiver.store.admission import Member
+
+ALL_MODES = ("FAST", "NORMAL", "RELAX", "TURBO")  # what any provider offers
+DEFAULT_MODE: dict[str, str] = {"ohmygpt": "FAST"}
+BUTTON_ACTIONS = ("UPSCALE", "VARIATION", "REROLL", "ZOOM", "PAN")
+DIMENSIONS = ("PORTRAIT", "SQUARE", "LANDSCAPE")
+MAX_PROMPT = 8192
+MAX_IMAGE_TEXT = 16 * 1024 * 1024  # an image or mask given inline, as a data URL
+
+
+class ParentNotReady(Conflict):
+    code = "parent_not_ready"
+
+
+class ParentNotSubmittedHere(Conflict):
+    code = "parent_not_submitted_here"
+
+
+async def create_task(request: Request) -> Response:
+    tenant = authenticate(request)
+    svc = services(request)
+    svc.submit_limiter.take(tenant, "submissions")
+    body = await json_object(request)
+    return JSONResponse(await submit_task(svc, tenant, body), status_code=202)
+
+
+async def list_providers(request: Request) -> Response:
+    """What ``POST /tasks`` can send to: the configured providers, their modes, the default."""
+    authenticate(request)
+    svc = services(request)
+    settings = svc.settings
+    return JSONResponse({
+        "default": settings.provider_for(None),
+        "providers": [{"name": name, "modes": list(svc.clients[name].modes),
+                       "flavor": account.flavor if name == "mjproxy" else None,
+                       "default_mode": DEFAULT_MODE.get(name),
+                       "queue_limit": account.queue_limit}
+                      for name, account in settings.accounts.items()],
+    })
+
+
+async def get_usage(request: Request) -> Response:
+    tenant = authenticate(request)
+    svc = services(request)
+    counters = await svc.redis.hgetall(svc.store.keys.usage(tenant))  # type: ignore[misc]
+    return JSONResponse({"tenant": tenant, **usage_report(counters)})
+
+
+async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes:
+    """Record the task (NOT_START) and queue it; returns its snapshot JSON."""
+    provider = svc.settings.provider_for(_text(body, "provider"))
+    if provider is None or provider not in svc.settings.accounts:
+        configured = sorted(svc.settings.accounts) or "none"
+        raise BadRequest(f"'provider' must be a configured provider (configured: {configured})")
+    account = svc.settings.accounts[provider]
+    client = svc.clients[provider]
+    action = (_text(body, "action") or "").upper() or None
+    mode = (_text(body, "mode") or "").upper() or None
+    if mode is not None and mode not in client.modes:
+        offered = ", ".join(client.modes) or "no modes"
+        flavor = f" ({account.flavor})" if provider == "mjproxy" else ""
+        raise BadRequest(f"{provider}{flavor} has {offered}, not {mode!r}")
+    prompt = _text(body, "prompt", MAX_PROMPT)
+    images = _images(body)
+    mask = _text(body, "mask", MAX_IMAGE_TEXT)
+    dimensions = (_text(body, "dimensions") or "").upper() or None
+    if dimensions is not None and dimensions not in DIMENSIONS:
+        raise BadRequest(f"'dimensions' must be one of {', '.join(DIMENSIONS)}")
+    index = body.get("index")
+    if index is not None and (type(index) is not int or index not in (1, 2, 3, 4)):
+        raise BadRequest("'index' must be 1, 2, 3 or 4")
+    parent_id = _text(body, "parent_id")
+    parent_ptid = custom_id = None
+    if parent_id is None:
+        action = action or "IMAGINE"
+        if action in BUTTON_ACTIONS:
+            raise BadRequest(f"{action} acts on a finished task: give its 'parent_id'")
+        mode = mode or DEFAULT_MODE.get(provider)
+    else:
+        parent = orjson.loads(await task_or_404(svc, tenant, parent_id))
+        if not await svc.redis.hexists(  # type: ignore[misc]
+                svc.store.keys.task(tenant, parent_id), "a"):
+            # Its provider task id came from a callback URL's caller, who may have named
+            # someone else's task: only an id the provider gave our key is acted on.
+            raise ParentNotSubmittedHere(
+                "actions go to tasks this service submitted (POST /tasks); this one was "
+                "submitted elsewhere (POST /callback-urls): send its actions there")
+        if parent["provider"] != provider:
+            raise BadRequest(f"the parent is a {parent['provider']} task, not {provider}")
+        if parent["status"] != TaskStatus.SUCCESS or not parent["provider_task_id"]:
+            raise ParentNotReady(f"the parent is {parent['status']}; actions need SUCCESS")
+        if mode is not None and mode != parent["mode"]:
+            ran = parent["mode"] or "the default"
+            raise ModeMismatch(
+                f"the parent ran in {ran} mode; its actions must too (the provider's "
+                f"{ran} and {mode} pools are separate)", provider)
+        mode, parent_ptid = parent["mode"], parent["provider_task_id"]
+        action, custom_id = _button(parent, action, _text(body, "custom_id")
+                                    or _text(body, "button"), index, provider)
+    if action not in ACTIONS:
+        raise BadRequest(f"'action' must be one of {', '.join(ACTIONS)}")
+    if action == "IMAGINE" and not prompt:
+        raise BadRequest("IMAGINE needs a 'prompt'")
+    if action == "DESCRIBE" and len(images) != 1:
+        raise BadRequest("DESCRIBE takes one image in 'images'")
+    if action == "BLEND" and not 2 <= len(images) <= client.max_blend():
+        raise BadRequest(f"{provider}'s BLEND takes 2 to {client.max_blend()} images in "
+                         "'images'")
+    need = dialog_input(custom_id)
+    if need == "prompt" and not prompt:
+        raise BadRequest(f"button {custom_id!r} opens a dialog: give its text in 'prompt' "
+                         "(Custom Zoom: the prompt with --zoom, e.g. 'a fox --zoom 1.5')")
+    if need == "mask" and not mask:
+        raise BadRequest(f"button {custom_id!r} (Vary Region) opens a dialog: give the area "
+                         "to redraw in 'mask' (a PNG data URL or image URL)")
+    if mask is not None and parent_id is None:
+        raise BadRequest("'mask' goes with a Vary Region button on a parent")
+    images, mask = await _as_sent(svc, client, images, mask)
+
+    claims = CallbackClaims(new_job_id(), tenant, provider)
+    request = SubmitRequest(action, prompt, images, parent_ptid, custom_id, index, mode,
+                            dimensions, mask)
+    control = {"a": account.name.encode(), "q": orjson.dumps(asdict(request))}
+    price = svc.prices.price(provider, mode, action)
+    cost = None
+    if price is not None:
+        cost = {"amount": price.amount, "unit": price.unit}
+        control["b"] = b"%s\0%d\0%d" % (price.ledger_field(provider, mode, action).encode(),
+                                        price.amount, price.refund_on_failure)
+    outcome = await svc.store.create(
+        claims, control=control, action=action, mode=mode, prompt=prompt,
+        parent_id=parent_id, cost=cost)
+    assert outcome.data is not None  # a fresh job id cannot exist already
+    try:
+        await svc.admission.enqueue(account.name, Member(tenant, claims.job_id))
+    except RedisError:
+        # Answered 503 (the client submits again, as a new task): this record must not
+        # wait at NOT_START forever, so it ends now if Redis lets it.
+        with contextlib.suppress(RedisError):
+            await svc.store.apply(claims, Update(
+                TaskStatus.FAILURE, fail_reason="not queued (Redis failed); never sent"))
+        raise
+    return outcome.data
+
+
+def _button(parent: dict[str, Any], action: str | None, button: str | None,
+            index: int | None, provider: str) -> tuple[str, str | None]:
+    """The action on the parent and its button's custom id (AIGC2D takes an index instead)."""
+    if button is not None and provider == "aigc2d":
+        raise BadRequest("aigc2d has no buttons: give 'action' and 'index'")
+    if button is not None:
+        found = next((b["custom_id"] for b in parent["buttons"]
+                      if button in (b["custom_id"], b.get("label"))), None)
+        if found is None:
+            raise UnknownParent(f"the parent has no button {button[:80]!r}", provider)
+        pressed = button_action(found)
+        if pressed is None:
+            raise BadRequest(f"button {button[:80]!r} is not an action this service sends")
+        if action is not None and action != pressed:
+            raise BadRequest(f"button {button[:80]!r} is {pressed}, not {action}")
+        return pressed, found
+    if action not in BUTTON_ACTIONS:
+        raise BadRequest(f"an action on a parent is one of {', '.join(BUTTON_ACTIONS)} (or "
+                         "give its 'custom_id')")
+    if provider == "aigc2d":
+        if action not in Aigc2dClient.PATHS:
+            raise BadRequest(f"aigc2d offers {', '.join(Aigc2dClient.PATHS)}, not {action}")
+        if index is None:
+            raise BadRequest(f"aigc2d's {action} needs an 'index' 1-4")
+        return action, None
+    found = find_button(parent["buttons"], action, index)
+    if found is None:
+        which = f"{action} {index}" if index else action
+        raise UnknownParent(f"the parent has no {which} button", provider)
+    return action, found
+
+
+async def _as_sent(svc: Services, client: ProviderClient, images: list[str],
+                   mask: str | None) -> tuple[list[str], str | None]:
+    """The images as the provider takes them: data URLs, fetched here (safely: `fetch`) so
+    that a refused image is a 400 now, not a failed task later."""
+    if not client.needs_data_urls():
+        return images, mask
+    settings = svc.settings
+    policy = FetchPolicy(allow_hosts=frozenset(settings.fetch_allow_hosts),
+                         max_bytes=settings.image_max_bytes, timeout=settings.fetch_timeout)
+    sent = [await image_data_url(url, policy) for url in images]
+    return sent, None if mask is None else await image_data_url(mask, policy)
+
+
+def _text(body: dict[str, Any], name: str, limit: int = 256) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise BadRequest(f"{name!r} must be a string of at most {limit} characters")
+    return value.strip() or None
+
+
+def _images(body: dict[str, Any]) -> list[str]:
+    images = body.get("images") or []
+    if not isinstance(images, list) or len(images) > 5 or not all(
+            isinstance(i, str) and i and len(i) <= MAX_IMAGE_TEXT for i in images):
+        raise BadRequest("'images' must be a list of up to 5 image URLs or data URLs")
+    return images
+
+
+class TaskFinal(Conflict):
+    code = "task_final"
+
+
+class CancelInFlight(Conflict):
+    code = "cancel_in_flight"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "1"}
+
+
+async def cancel_task(request: Request) -> Response:
+    """``POST /tasks/{job_id}/cancel``."""
+    tenant = authenticate(request)
+    svc = services(request)
+    task = orjson.loads(await task_or_404(svc, tenant, request.path_params["job_id"]))
+    return JSONResponse(await cancel(svc, tenant, task))
+
+
+async def cancel(svc: Services, tenant: str, task: dict[str, Any]) -> bytes:
+    """Cancel a task; its snapshot afterwards. A task still in our queue is taken out of it
+    first, atomically, so no dispatcher can pop it afterwards: it is never sent."""
+    status, job_id = TaskStatus(task["status"]), task["id"]
+    if status.terminal:
+        raise TaskFinal(f"the task has ended ({status.value}): nothing to cancel")
+    claims = CallbackClaims(job_id, tenant, task["provider"])
+    account = await svc.redis.hget(svc.store.keys.task(tenant, job_id), "a")  # type: ignore[misc]
+    ptid = task["provider_task_id"]
+    if status is TaskStatus.NOT_START and ptid is None:
+        if account is None or not await svc.admission.withdraw(account.decode(),
+                                                                Member(tenant, job_id)):
+            if account is None:  # minted for a task submitted elsewhere: not ours to send
+                raise CannotCancel("this task was submitted elsewhere: cancel it there",
+                                   task["provider"])
+            raise CancelInFlight("the task is being sent to the provider right now; try "
+                                 "again in a moment")
+        await svc.store.apply(claims, Update(
+            TaskStatus.CANCEL, fail_reason="canceled before it was sent to the provider"))
+        return await task_or_404(svc, tenant, job_id)
+    client = svc.clients.get(task["provider"])
+    if client is None or account is None or ptid is None:
+        raise CannotCancel("this task was submitted elsewhere: cancel it there",
+                           task["provider"])
+    update = await client.cancel(ptid)  # CannotCancel where the provider has no way
+    if update is not None:
+        await svc.store.apply(claims, update)
+    return await task_or_404(svc, tenant, job_id)

@@ -1,0 +1,195 @@
+"""The dispatcher: sends queued tasks to their provider as the account's slots free.
+
+It wakes on the admission channel (a task queued, a task final) and also once a second, in
+case a wake-up was missed. Taking a slot pops the oldest task atomically (`admission`), so
+several dispatchers, in one process or many, never send a task twice. What the provider
+answers decides what happens to the slot:
+
+- accepted: the task is SUBMITTED (and charged) with the provider's id; the slot is held until
+  the task's final transition;
+- refused for now (queue full, busy, our key refused, or the provider unreachable before
+  anything was sent): back to its place in the queue, and the account pauses, doubling up to
+  30 s (a refused key is logged as an error: every task waits until it is fixed);
+- refused for good (banned word, unknown parent, a request it will not take...): the task
+  FAILS with the provider's words, and the slot is freed;
+- no answer after sending: the provider may have queued it, and sending again could queue it
+  twice. The slot stays held; the task's callbacks, or the reconciler's timeout, settle it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import orjson
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from receiver.core.models import TaskStatus, Update, now_iso, now_ms
+from receiver.core.settings import ProviderAccount
+from receiver.core.tokens import CallbackClaims
+from receiver.providers import (
+    BadProviderKey,
+    ProviderDown,
+    ProviderError,
+    QueueFull,
+    SubmitRequest,
+    Transient,
+)
+from receiver.services.container import Services
+from receiver.store.admission import Member
+
+log = logging.getLogger("receiver.worker.dispatcher")
+
+WAKE_EVERY = 1.0
+MAX_PAUSE = 30.0
+SEND_GRACE = 5.0  # seconds a stopping dispatcher waits for the answers to its sends
+# The submissions metric's outcome for each answer that puts a task back in its place.
+_RETRIED: dict[type[ProviderError], str] = {
+    QueueFull: "queue_full", Transient: "busy", BadProviderKey: "auth",
+    ProviderDown: "requeued"}
+
+
+class Dispatcher:
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.accounts = list(svc.settings.accounts.values())
+        self._wake = {a.name: asyncio.Event() for a in self.accounts}
+        self._pause = {a.name: 0.0 for a in self.accounts}  # monotonic time it ends
+        self._delay = {a.name: 0.0 for a in self.accounts}  # the next pause's length
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        if not self.accounts:
+            return
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._listen())
+                for account in self.accounts:
+                    group.create_task(self._dispatch(account))
+        finally:
+            if self._sending:  # a send cut off leaves its task sent-or-not until the timeout
+                await asyncio.wait(self._sending, timeout=SEND_GRACE)
+            for job in self._sending:
+                job.cancel()
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        channel = self.svc.store.keys.admission_channel()
+        while True:
+            pubsub: PubSub = self.svc.pubsub.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None:
+                        event = self._wake.get(message["data"].decode())
+                        if event is not None:
+                            event.set()
+            except Exception as exc:  # the once-a-second wake-up covers the gap
+                log.warning("admission channel lost (%r); resubscribing", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(RedisError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _dispatch(self, account: ProviderAccount) -> None:
+        wake = self._wake[account.name]
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), WAKE_EVERY)
+            wake.clear()
+            try:
+                await self.fill(account)
+            except RedisError as exc:
+                self.svc.metrics.redis_errors.labels("dispatcher").inc()
+                log.warning("dispatching for %s: Redis failed (%r); retrying", account.name, exc)
+            except Exception:
+                log.exception("dispatching for %s failed; retrying", account.name)
+
+    async def fill(self, account: ProviderAccount) -> None:
+        """Send queued tasks until the queue is empty or every slot is taken."""
+        admission = self.svc.admission
+        pruned = False
+        while time.monotonic() >= self._pause[account.name]:
+            member = await admission.acquire(account.name, account.queue_limit, now_ms())
+            if member is None:
+                if pruned:
+                    return
+                # Every slot taken, or nothing queued: free the slots of finished tasks, and
+                # try once more.
+                await admission.prune(account.name)
+                pruned = True
+                continue
+            pruned = False
+            job = asyncio.create_task(self._send(account, member))
+            self._sending.add(job)
+            job.add_done_callback(self._sending.discard)
+
+    async def _send(self, account: ProviderAccount, member: Member) -> None:
+        svc, metrics = self.svc, self.svc.metrics
+        try:
+            task = await svc.redis.hmget(  # type: ignore[misc]
+                svc.store.keys.task(member.tenant, member.job_id), ["q", "s"])
+            request_json, status = task
+            if request_json is None or status != TaskStatus.NOT_START.value.encode():
+                # gone, or sent already (a dispatcher that died after the answer): the slot
+                # is the task's until it ends, pruned then
+                if request_json is None:
+                    await svc.admission.release(account.name, member)
+                return
+            request = SubmitRequest(**orjson.loads(request_json))
+            claims = CallbackClaims(member.job_id, member.tenant, account.provider)
+            url = (f"{svc.settings.callback_base()}/callbacks/{account.provider}"
+                   f"?token={svc.signer.mint_callback(claims)}")
+            try:
+                provider_task_id = await svc.clients[account.provider].submit(request, url)
+            except ProviderError as exc:
+                await self._not_submitted(account, member, claims, exc)
+                return
+            metrics.submissions.labels(account.provider, "accepted").inc()
+            self._delay[account.name] = 0.0
+            if provider_task_id:  # ours, whoever claimed the id before (see `claims`)
+                await svc.claims.take(claims, provider_task_id)
+            await svc.store.submitted(claims, Update(
+                TaskStatus.SUBMITTED, provider_task_id=provider_task_id,
+                submitted_at=now_iso()))
+        except RedisError as exc:
+            # The slot stays held; the reconciler settles the task.
+            metrics.redis_errors.labels("dispatcher").inc()
+            log.warning("dispatching %s: Redis failed (%r)", member, exc)
+        except Exception:
+            # Whether it reached the provider is unknown: held, not sent again (as above).
+            log.exception("dispatching %s failed", member)
+
+    async def _not_submitted(self, account: ProviderAccount, member: Member,
+                             claims: CallbackClaims, exc: ProviderError) -> None:
+        """What a provider's no means for the task and its slot."""
+        svc, metrics = self.svc, self.svc.metrics
+        if isinstance(exc, ProviderDown) and not exc.retry_safe:
+            metrics.submissions.labels(account.provider, "unanswered").inc()
+            log.warning("%s: %s; task %s may be queued there: not sent again",
+                        account.name, exc.detail, member)
+            return  # the slot stays held: callbacks or the reconciler settle the task
+        if exc.retry_safe:  # queue full, busy, unreachable, our key refused: nothing queued
+            metrics.submissions.labels(account.provider, _RETRIED.get(type(exc), "requeued")
+                                       ).inc()
+            if isinstance(exc, BadProviderKey):
+                log.error("%s: the provider refused our key (%s): the account pauses and its "
+                          "tasks wait; fix %s_API_KEY", account.name, exc.detail,
+                          account.provider.upper())
+            self._back_off(account, exc)
+            await svc.admission.requeue(account.name, member)
+            return
+        metrics.submissions.labels(account.provider, "refused").inc()
+        await svc.store.apply(claims, Update(
+            TaskStatus.FAILURE, fail_reason=f"{exc.code}: {exc.detail}"))
+        await svc.admission.release(account.name, member)
+
+    def _back_off(self, account: ProviderAccount, exc: ProviderError) -> None:
+        delay = self._delay[account.name] = min(MAX_PAUSE, self._delay[account.name] * 2 or 1)
+        self._pause[account.name] = time.monotonic() + delay
+        log.info("%s: %s; pausing %.0f s", account.name, exc.detail, delay)
