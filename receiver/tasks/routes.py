@@ -18,9 +18,9 @@ from receiver.core.tokens import CallbackClaims, SubscribeClaims
 from receiver.providers.dialects import DIALECTS
 from receiver.services.auth import authenticate
 from receiver.services.container import services
-from receiver.services.http import JSONResponse, json_object, task_or_404
+from receiver.services.http import JSONResponse, json_model, task_or_404
+from receiver.tasks.schemas import MAX_PAGE, NewCallbackUrl, NewSubscribeToken
 
-MAX_PAGE = 200
 # A mint's body is a few short fields (a prompt: 8 KiB at most): no need for MAX_BODY_BYTES.
 MAX_MINT_BODY = 32 * 1024
 
@@ -50,21 +50,15 @@ async def create_callback_url(request: Request) -> Response:
     tenant = authenticate(request)
     svc = services(request)
     svc.mint_limiter.take(tenant, "callback URLs minted")
-    body = await json_object(request, MAX_MINT_BODY)
-    provider = body.get("provider")
-    if not isinstance(provider, str) or provider not in DIALECTS:
+    new = await json_model(request, NewCallbackUrl, MAX_MINT_BODY)
+    provider = new.provider
+    if provider not in DIALECTS:
         raise BadRequest(f"'provider' must be one of {sorted(DIALECTS)}")
-    fields: dict[str, Any] = {}
-    for name in ("action", "mode", "prompt", "parent_id", "provider_task_id"):
-        value = body.get(name)
-        if value is not None:
-            if not isinstance(value, str) or len(value) > 8192:
-                raise BadRequest(f"{name!r} must be a string")
-            if name in ("action", "mode", "provider_task_id"):
-                value = value.strip().upper() if name != "provider_task_id" else value.strip()
-                if not value:
-                    raise BadRequest(f"{name!r} must not be empty")
-            fields[name] = value
+    fields: dict[str, Any] = {name: value for name, value in (
+        ("action", _upper(new.action)), ("mode", _upper(new.mode)), ("prompt", new.prompt),
+        ("parent_id", new.parent_id),
+        ("provider_task_id", None if new.provider_task_id is None
+         else new.provider_task_id.strip())) if value is not None}
     base = callback_base(request, svc.settings)
     claims = CallbackClaims(new_job_id(), tenant, provider)
     ptid = fields.get("provider_task_id")
@@ -96,11 +90,8 @@ async def create_subscribe_token(request: Request) -> Response:
     tenant = authenticate(request)
     svc = services(request)
     svc.mint_limiter.take(tenant, "subscribe tokens minted")
-    body = await json_object(request, MAX_MINT_BODY)
-    task_id = body.get("task_id")
+    task_id = (await json_model(request, NewSubscribeToken, MAX_MINT_BODY)).task_id
     if task_id is not None:
-        if not isinstance(task_id, str) or not JOB_ID_RE.match(task_id):
-            raise BadRequest("'task_id' must be a task id")
         await task_or_404(svc, tenant, task_id)
     token = svc.signer.mint_subscribe(SubscribeClaims(tenant, task_id))
     path = f"/tasks/{task_id}/events" if task_id else "/events"
@@ -139,3 +130,8 @@ async def list_tasks(request: Request) -> Response:
     return JSONResponse(
         b'{"tasks":[%s],"next_cursor":%s}' % (b",".join(tasks), orjson.dumps(next_cursor))
     )
+
+
+def _upper(value: str | None) -> str | None:
+    """An action or mode as stored: upper-case, without surrounding blanks."""
+    return None if value is None else value.strip().upper()

@@ -39,15 +39,11 @@ from receiver.providers.fetch import FetchPolicy, image_data_url
 from receiver.providers.pricing import usage_report
 from receiver.services.auth import authenticate
 from receiver.services.container import Services, services
-from receiver.services.http import JSONResponse, json_object, task_or_404
+from receiver.services.http import JSONResponse, json_model, task_or_404
 from receiver.store.admission import Member
+from receiver.tasks.schemas import BUTTON_ACTIONS, DIMENSIONS, NewTask
 
-ALL_MODES = ("FAST", "NORMAL", "RELAX", "TURBO")  # what any provider offers
 DEFAULT_MODE: dict[str, str] = {"ohmygpt": "FAST"}
-BUTTON_ACTIONS = ("UPSCALE", "VARIATION", "REROLL", "ZOOM", "PAN")
-DIMENSIONS = ("PORTRAIT", "SQUARE", "LANDSCAPE")
-MAX_PROMPT = 8192
-MAX_IMAGE_TEXT = 16 * 1024 * 1024  # an image or mask given inline, as a data URL
 
 
 class ParentNotReady(Conflict):
@@ -62,8 +58,8 @@ async def create_task(request: Request) -> Response:
     tenant = authenticate(request)
     svc = services(request)
     svc.submit_limiter.take(tenant, "submissions")
-    body = await json_object(request)
-    return JSONResponse(await submit_task(svc, tenant, body), status_code=202)
+    new = await json_model(request, NewTask)
+    return JSONResponse(await submit_task(svc, tenant, new), status_code=202)
 
 
 async def list_providers(request: Request) -> Response:
@@ -88,30 +84,25 @@ async def get_usage(request: Request) -> Response:
     return JSONResponse({"tenant": tenant, **usage_report(counters)})
 
 
-async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes:
+async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
     """Record the task (NOT_START) and queue it; returns its snapshot JSON."""
-    provider = svc.settings.provider_for(_text(body, "provider"))
+    provider = svc.settings.provider_for(_clean(new.provider))
     if provider is None or provider not in svc.settings.accounts:
         configured = sorted(svc.settings.accounts) or "none"
         raise BadRequest(f"'provider' must be a configured provider (configured: {configured})")
     account = svc.settings.accounts[provider]
     client = svc.clients[provider]
-    action = (_text(body, "action") or "").upper() or None
-    mode = (_text(body, "mode") or "").upper() or None
+    action = (_clean(new.action) or "").upper() or None
+    mode = (_clean(new.mode) or "").upper() or None
     if mode is not None and mode not in client.modes:
         offered = ", ".join(client.modes) or "no modes"
         flavor = f" ({account.flavor})" if provider == "mjproxy" else ""
         raise BadRequest(f"{provider}{flavor} has {offered}, not {mode!r}")
-    prompt = _text(body, "prompt", MAX_PROMPT)
-    images = _images(body)
-    mask = _text(body, "mask", MAX_IMAGE_TEXT)
-    dimensions = (_text(body, "dimensions") or "").upper() or None
+    prompt, images, mask, index = _clean(new.prompt), new.images, _clean(new.mask), new.index
+    dimensions = (_clean(new.dimensions) or "").upper() or None
     if dimensions is not None and dimensions not in DIMENSIONS:
         raise BadRequest(f"'dimensions' must be one of {', '.join(DIMENSIONS)}")
-    index = body.get("index")
-    if index is not None and (type(index) is not int or index not in (1, 2, 3, 4)):
-        raise BadRequest("'index' must be 1, 2, 3 or 4")
-    parent_id = _text(body, "parent_id")
+    parent_id = new.parent_id
     parent_ptid = custom_id = None
     if parent_id is None:
         action = action or "IMAGINE"
@@ -137,8 +128,8 @@ async def submit_task(svc: Services, tenant: str, body: dict[str, Any]) -> bytes
                 f"the parent ran in {ran} mode; its actions must too (the provider's "
                 f"{ran} and {mode} pools are separate)", provider)
         mode, parent_ptid = parent["mode"], parent["provider_task_id"]
-        action, custom_id = _button(parent, action, _text(body, "custom_id")
-                                    or _text(body, "button"), index, provider)
+        action, custom_id = _button(parent, action, _clean(new.custom_id)
+                                    or _clean(new.button), index, provider)
     if action not in ACTIONS:
         raise BadRequest(f"'action' must be one of {', '.join(ACTIONS)}")
     if action == "IMAGINE" and not prompt:
@@ -230,21 +221,9 @@ async def _as_sent(svc: Services, client: ProviderClient, images: list[str],
     return sent, None if mask is None else await image_data_url(mask, policy)
 
 
-def _text(body: dict[str, Any], name: str, limit: int = 256) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > limit:
-        raise BadRequest(f"{name!r} must be a string of at most {limit} characters")
-    return value.strip() or None
-
-
-def _images(body: dict[str, Any]) -> list[str]:
-    images = body.get("images") or []
-    if not isinstance(images, list) or len(images) > 5 or not all(
-            isinstance(i, str) and i and len(i) <= MAX_IMAGE_TEXT for i in images):
-        raise BadRequest("'images' must be a list of up to 5 image URLs or data URLs")
-    return images
+def _clean(value: str | None) -> str | None:
+    """A text field as used: without surrounding blanks; None when blank."""
+    return None if value is None else value.strip() or None
 
 
 class TaskFinal(Conflict):

@@ -1,0 +1,122 @@
+"""The tasks routes as ``/openapi.json`` shows them (see `receiver.core.docs`)."""
+
+from __future__ import annotations
+
+from receiver.core.docs import (
+    AUTH_ERRORS,
+    BODY_ERRORS,
+    CLAIMED,
+    JOB_ID_PARAMETER,
+    QUOTA,
+    RETRY_AFTER,
+    TASK_QUOTA,
+    TENANT_ERRORS,
+    Operation,
+    error,
+    ok,
+)
+from receiver.core.models import TaskStatus
+from receiver.core.schema import Task, TaskEvent
+from receiver.tasks.schemas import (
+    CURSOR,
+    MAX_PAGE,
+    CallbackUrl,
+    NewCallbackUrl,
+    NewSubscribeToken,
+    NewTask,
+    Providers,
+    SubscribeToken,
+    TaskPage,
+    Usage,
+)
+
+_NOT_FOUND = {404: error("task_not_found: no such task for this tenant")}
+
+OPERATIONS: dict[str, dict[str, Operation]] = {
+    "/callback-urls": {"post": Operation(
+        "Mint a signed callback URL for a task submitted elsewhere",
+        description="The task exists from then on (NOT_START).",
+        body=NewCallbackUrl,
+        responses={
+            201: ok("The job and its callback URL", CallbackUrl),
+            **BODY_ERRORS,
+            400: error("bad_request: the body is not a JSON object, or a field is not valid; "
+                       "untrusted_host: no PUBLIC_BASE_URL and a Host not in TRUSTED_HOSTS"),
+            409: error(CLAIMED),
+            429: error("rate_limited: too many mints (MINT_RATE); retry after Retry-After; "
+                       f"{TASK_QUOTA}", RETRY_AFTER),
+            **QUOTA, **TENANT_ERRORS,
+        })},
+    "/tasks": {
+        "get": Operation(
+            "The tenant's tasks, newest first",
+            parameters=[
+                {"name": "status", "in": "query",
+                 "schema": {"type": "string", "enum": [s.value for s in TaskStatus]},
+                 "description": "only tasks in this status (case-insensitive)"},
+                {"name": "limit", "in": "query",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE,
+                            "default": 50}},
+                {"name": "cursor", "in": "query", "schema": CURSOR,
+                 "description": "next_cursor of the previous page"},
+            ],
+            responses={
+                200: ok("A page of tasks", TaskPage),
+                400: error("bad_request: a status, limit or cursor that is not valid"),
+                **TENANT_ERRORS,
+            }),
+        "post": Operation(
+            "Submit a task: recorded (NOT_START), queued, sent to the provider when its "
+            "account has a free slot",
+            body=NewTask,
+            responses={
+                202: ok("The task, queued", TaskEvent),
+                **BODY_ERRORS,
+                400: error("bad_request: not a JSON object, a provider that is not "
+                           "configured, an unknown action, a mode the provider does not "
+                           "have, missing prompt or images, a parent of another provider..."),
+                404: error("task_not_found: no parent task for this tenant; unknown_parent: "
+                           "the parent has no such button"),
+                409: error("mode_mismatch: a mode other than the parent's; parent_not_ready: "
+                           "the parent has not succeeded; parent_not_submitted_here: the "
+                           "parent came through POST /callback-urls, not POST /tasks"),
+                429: error("rate_limited: too many submissions (SUBMIT_RATE); retry after "
+                           f"Retry-After; {TASK_QUOTA}", RETRY_AFTER),
+                **QUOTA, **TENANT_ERRORS,
+            }),
+    },
+    "/tasks/{job_id}": {"get": Operation(
+        "One task", parameters=[JOB_ID_PARAMETER],
+        responses={200: ok("The task", Task), **_NOT_FOUND, **TENANT_ERRORS})},
+    "/tasks/{job_id}/cancel": {"post": Operation(
+        "Cancel a task: one still in our queue is CANCEL at once and never sent; a sent one "
+        "is canceled at the provider where it can be",
+        parameters=[JOB_ID_PARAMETER],
+        responses={
+            200: ok("The task after the cancel", Task),
+            **_NOT_FOUND,
+            409: error("task_final: it has ended; cancel_in_flight: it is being sent right "
+                       "now; cannot_cancel: the provider cannot cancel a task it has been "
+                       "sent"),
+            502: error("provider_error: the provider did not cancel it"),
+            503: error("store_unavailable or provider_down: try again", RETRY_AFTER),
+            **AUTH_ERRORS,
+        })},
+    "/subscribe-tokens": {"post": Operation(
+        "A short-lived token for ?token= on the event routes",
+        body=NewSubscribeToken, body_required=False,
+        responses={
+            201: ok("The token and the events URL to use it on", SubscribeToken),
+            **BODY_ERRORS,
+            **_NOT_FOUND,
+            429: error("rate_limited: too many mints (MINT_RATE); retry after Retry-After",
+                       RETRY_AFTER),
+            **TENANT_ERRORS,
+        })},
+    "/usage": {"get": Operation(
+        "The tenant's cost ledger: spent and refunded, by provider, mode and action",
+        responses={200: ok("The ledger", Usage), **TENANT_ERRORS})},
+    "/providers": {"get": Operation(
+        "The providers POST /tasks can send to, their modes and the default",
+        responses={200: ok("The configured providers", Providers), **AUTH_ERRORS})},
+}
