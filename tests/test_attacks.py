@@ -1,7 +1,7 @@
 """The outside security test's attacks, rerun against real `receiver serve` processes.
 
 Each test is one attack that once worked (issue: hardening); the slow-head attacks are in
-tests/test_slow_clients.py.
+tests/server/test_slow_clients.py.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ _SERVER_STATE = ("connections", "tasks", "total_requests", "default_headers")
 
 def uvicorn_contract() -> list[str]:
     """What of uvicorn's internals this module and `streams` use and the installed
-    uvicorn lacks: empty when all is there (tests/test_listener.py holds it to that)."""
+    uvicorn lacks: empty when all is there (tests/server/test_streams.py holds it to that)."""
     missing = [f"HttpToolsProtocol.{name}" for name in _METHODS
                if not callable(getattr(HttpToolsProtocol, name, None))]
     params = inspect.signature(HttpToolsProtocol.__init__).parameters

@@ -1,7 +1,7 @@
 """``GET /openapi.json``, generated: the component schemas from the typed models, the
 paths from the `Operation` each capability declares beside its routes (its ``docs``).
 
-`tests/test_schema.py` runs Schemathesis against it (every route, with and without an API
+`tests/web/test_schema.py` runs Schemathesis against it (every route, with and without an API
 key): each status code, content type, header and body the service answers with is here.
 """
 

@@ -11,7 +11,7 @@ from starlette.config import Config
 
 from receiver.core.settings import Settings, SettingsError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_nothing_set_is_every_default() -> None:

@@ -31,7 +31,7 @@ import pytest
 from receiver.cli.redis_server import free_port
 from tests.conftest import serve_process
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent  # .venv/bin: where `receiver` is, as after activate
 NOT_RUN = re.compile(r"<!-- not run: (?P<why>\S.*?) -->")

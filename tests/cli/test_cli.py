@@ -199,7 +199,7 @@ def test_the_procfile_runs_under_honcho(
         tmp_path: Path, redis_server: RedisServer, r: redis.Redis) -> None:
     simulator = LiveServer(app=create_simulator(SimulatorConfig(step_interval=0.02))).start()
     port = free_port()  # honcho gives web PORT=port, worker PORT=port+100
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "REDIS_URL": redis_server.url, "RECEIVER_SECRET_KEYS": "k1",
            "RECEIVER_API_KEYS": "acme:key-acme", "RECEIVER_DATA_DIR": str(tmp_path),
            "MJPROXY_BASE_URL": simulator.url, "MJPROXY_API_KEY": "sk",

@@ -4,8 +4,8 @@ last one within a second of being stored, no message with empty data, one connec
 sseclient-py (over requests, and over urllib3) once got each event only when the next came,
 and the last never: the stream was close-delimited and those readers buffer such a body.
 Node's `eventsource` and `@microsoft/fetch-event-source` come from npm (installed once into
-pytest's cache) and run `tests/sse_clients.mjs`. Chromium's EventSource is the dashboard's
-(tests/test_dashboard.py).
+pytest's cache) and run `tests/live/sse_clients.mjs`. Chromium's EventSource is the dashboard's
+(tests/web/test_dashboard.py).
 """
 
 from __future__ import annotations

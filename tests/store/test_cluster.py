@@ -25,7 +25,7 @@ from tests.conftest import (
     submit,
     wait_final,
 )
-from tests.test_sse import Reader, progress, start, success
+from tests.live.test_sse import Reader, progress, start, success
 
 
 @pytest.fixture

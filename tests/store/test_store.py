@@ -32,7 +32,7 @@ from tests.conftest import KEYS, base_settings
 
 class Store(TaskStore):
     """The store as its callers use it once they hold the provider task id's claim (the
-    claim itself: tests/test_claims.py)."""
+    claim itself: tests/test_attacks.py)."""
 
     async def apply(self, claims: CallbackClaims, update: Update, *, claimed: bool = True,
                     enforce: bool = False) -> Outcome:
@@ -233,7 +233,7 @@ def test_an_update_that_binds_a_task_takes_the_ids_claim(
     redis_server: RedisServer, r: redis.Redis
 ) -> None:
     """On a single Redis the script takes the claim itself (on a cluster it answers
-    `unclaimed` for the caller to: tests/test_cluster.py)."""
+    `unclaimed` for the caller to: tests/store/test_cluster.py)."""
     c, other = claims(), claims()
 
     async def body(store: TaskStore) -> list[str]:

@@ -18,8 +18,8 @@ import httpx
 import redis
 
 from receiver.cli.redis_server import free_port
+from tests.cli.test_cli import fresh_env
 from tests.conftest import TIMEOUT, serve_process
-from tests.test_cli import fresh_env
 
 # Fast reconciling; the stranded task's provider forgets it 2 s before it fails; one slot,
 # so a task submitted after the restart waits for the stranded one's.
