@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from receiver.cli.redis_server import free_port
 from receiver.core.models import TaskStatus, Update
-from receiver.providers.dialects import parse
+from receiver.providers.dialects import DIALECTS
 from receiver.simulator import (
     AIGC2D_FIRST_ID,
     DESCRIBE_TEXT,
@@ -70,7 +70,7 @@ class Recorder:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             bodies = self.of(name)
-            if any(parse(provider, b).status.terminal for b in bodies):
+            if any(DIALECTS[provider](b).status.terminal for b in bodies):
                 time.sleep(5 * STEP)  # let stragglers (duplicates, reordered) land
                 return self.of(name)
             time.sleep(STEP)
@@ -214,7 +214,7 @@ def test_imagine_lifecycle_callbacks_parse_in_order_and_poll_agrees(
     name = f"imagine-{provider}"
     tid = imagine(sim, provider, recorder.hook(name))
     bodies = recorder.wait_final(provider, name)
-    updates = [parse(provider, body) for body in bodies]
+    updates = [DIALECTS[provider](body) for body in bodies]
     assert [(u.status, u.progress) for u in updates] == [
         (TaskStatus.SUBMITTED, 0), *((TaskStatus.IN_PROGRESS, p) for p in (10, 35, 60, 85)),
         (TaskStatus.SUCCESS, 100)]
@@ -240,10 +240,10 @@ def test_imagine_lifecycle_callbacks_parse_in_order_and_poll_agrees(
 def test_upscale_a_button_and_refuse_an_unknown_parent(
         sim: httpx.Client, recorder: Recorder, provider: str) -> None:
     parent = imagine(sim, provider, recorder.hook(f"grid-{provider}"))
-    final = parse(provider, recorder.wait_final(provider, f"grid-{provider}")[-1])
+    final = DIALECTS[provider](recorder.wait_final(provider, f"grid-{provider}")[-1])
     name = f"up-{provider}"
     child = task_id(provider, upscale(sim, provider, parent, final, recorder.hook(name)))
-    last = parse(provider, recorder.wait_final(provider, name)[-1])
+    last = DIALECTS[provider](recorder.wait_final(provider, name)[-1])
     assert (last.status, last.action, last.provider_task_id) == (
         TaskStatus.SUCCESS, "UPSCALE", child)
     assert last.image_url and sim.get(last.image_url).status_code == 200
@@ -259,7 +259,7 @@ def test_upscale_a_button_and_refuse_an_unknown_parent(
 def test_ohmygpt_refuses_an_action_in_another_mode(
         sim: httpx.Client, recorder: Recorder) -> None:
     parent = imagine(sim, "ohmygpt", recorder.hook("omg-mode"), type="NORMAL")
-    final = parse("ohmygpt", recorder.wait_final("ohmygpt", "omg-mode")[-1])
+    final = DIALECTS["ohmygpt"](recorder.wait_final("ohmygpt", "omg-mode")[-1])
     assert final.mode == "NORMAL"
     response = upscale(sim, "ohmygpt", parent, final, type="FAST")
     assert response.status_code == 400 and "mode" in refusal("ohmygpt", response).lower()
@@ -295,7 +295,7 @@ def test_describe_gives_prompts_and_blend_takes_two_to_its_most(
         sim: httpx.Client, recorder: Recorder, provider: str) -> None:
     tid = task_id(provider, submit(sim, provider, "describe", recorder.hook(f"d-{provider}"),
                                    **{DESCRIBE_FIELD[provider]: IMG}))
-    final = parse(provider, recorder.wait_final(provider, f"d-{provider}")[-1])
+    final = DIALECTS[provider](recorder.wait_final(provider, f"d-{provider}")[-1])
     assert (final.status, final.action, final.provider_task_id) == (
         TaskStatus.SUCCESS, "DESCRIBE", tid)
     text = final.final_prompt  # OhMyGPT and AIGC2D answer in "prompt": the dialects move it
@@ -307,7 +307,7 @@ def test_describe_gives_prompts_and_blend_takes_two_to_its_most(
     blend: Json = {"dimensions": "SQUARE"} if provider == "mjproxy" else {}
     tid = task_id(provider, submit(sim, provider, "blend", recorder.hook(f"b-{provider}"),
                                    **{BLEND_FIELD[provider]: [IMG, IMG], **blend}))
-    final = parse(provider, recorder.wait_final(provider, f"b-{provider}")[-1])
+    final = DIALECTS[provider](recorder.wait_final(provider, f"b-{provider}")[-1])
     assert (final.status, final.action, final.provider_task_id) == (
         TaskStatus.SUCCESS, "BLEND", tid)
     for count in (1, BLEND_MAX[provider] + 1):
@@ -377,7 +377,7 @@ def test_reordered_callbacks_all_arrive_out_of_order(sim: httpx.Client, recorder
     imagine(sim, "mjproxy", recorder.hook("reorder"))
     recorder.wait_final("mjproxy", "reorder")
     time.sleep(10 * STEP)
-    progress = [parse("mjproxy", b).progress for b in recorder.of("reorder")]
+    progress = [DIALECTS["mjproxy"](b).progress for b in recorder.of("reorder")]
     assert progress == [10, 0, 60, 35, 100, 85]
 
 
@@ -431,9 +431,9 @@ def test_failing_tasks_end_in_failure_with_a_reason(
     sim.post("/_sim/faults", json={"fail_tasks": 1})
     imagine(sim, provider, recorder.hook(f"fail-{provider}"))
     bodies = recorder.wait_final(provider, f"fail-{provider}")
-    final = parse(provider, bodies[-1])
+    final = DIALECTS[provider](bodies[-1])
     assert final.status is TaskStatus.FAILURE and final.fail_reason
-    assert [parse(provider, b).status for b in bodies[:-1]] == [
+    assert [DIALECTS[provider](b).status for b in bodies[:-1]] == [
         TaskStatus.SUBMITTED, TaskStatus.IN_PROGRESS, TaskStatus.IN_PROGRESS]
     if provider == "aigc2d":  # the points come back
         doc = json.loads(bodies[-1])
@@ -498,7 +498,7 @@ def test_aigc2d_ids_past_2_53_stay_exact(sim: httpx.Client, recorder: Recorder) 
     assert f'"task_id":{tid}' in response.text  # a JSON integer, not a float or a string
     bodies = recorder.wait_final("aigc2d", "big")
     assert all(json.loads(b)["task_id"] == tid for b in bodies)
-    assert parse("aigc2d", bodies[-1]).provider_task_id == str(tid)
+    assert DIALECTS["aigc2d"](bodies[-1]).provider_task_id == str(tid)
     second = int(task_id("aigc2d", submit(sim, "aigc2d", "imagine", prompt="a dog")))
     assert second == tid + 1
     assert poll(sim, "aigc2d", str(tid))["task_id"] == tid

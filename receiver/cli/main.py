@@ -43,6 +43,7 @@ log = logging.getLogger("receiver")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``receiver`` command; its exit status (2: a setting or a child that cannot start)."""
     parser = argparse.ArgumentParser(prog="receiver", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the web service")
@@ -140,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """``receiver serve``: the embedded Redis and simulator where asked, then the web processes."""
     from receiver.server.run import serve as serve_web
 
     settings = Settings.from_env()
@@ -190,6 +192,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def worker() -> int:
+    """``receiver worker``: the dispatcher and the reconciler, against the service's Redis."""
     from receiver.worker.runner import run_worker
 
     settings = Settings.from_env()
@@ -200,6 +203,7 @@ def worker() -> int:
 
 
 def submit(url: str, args: argparse.Namespace) -> int:
+    """``receiver submit``: one task through a running service, printed or watched."""
     from receiver.client import Client
 
     fields = {"provider": args.provider, "action": args.action, "prompt": args.prompt,
@@ -220,6 +224,7 @@ def submit(url: str, args: argparse.Namespace) -> int:
 
 
 def cancel(url: str, args: argparse.Namespace) -> int:
+    """``receiver cancel``: the task after the cancel, printed."""
     from receiver.client import Client
 
     with Client(url, args.api_key) as client:
@@ -282,6 +287,7 @@ def _start_simulator(settings: Settings, step_interval: float, keep: tuple[int, 
 
 
 def simulate(args: argparse.Namespace) -> int:
+    """``receiver simulate``: the providers' simulator, in the foreground."""
     import uvicorn
 
     from receiver.simulator import SimulatorConfig, create_simulator

@@ -19,6 +19,7 @@ class RedisServerError(RuntimeError):
 
 
 def free_port() -> int:
+    """A TCP port free on loopback now (for a child to bind)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

@@ -41,10 +41,12 @@ class Operation:
 
 
 def ok(description: str, body: Schema | None) -> Answer:
+    """A success: its description and its body's model or schema."""
     return Answer(description, body)
 
 
 def error(description: str, headers: dict[str, Any] | None = None) -> Answer:
+    """An error answer: an `Error` body, and the headers it always carries."""
     return Answer(description, Error, headers or {})
 
 

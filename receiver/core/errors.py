@@ -1,5 +1,10 @@
-"""The domain errors. Each knows its HTTP status and error code; `app` turns them into
-``{"error", "detail"}`` responses at one boundary."""
+"""The domain errors. Each knows its HTTP status and error code; `receiver.web.app` turns
+them into ``{"error", "detail"}`` responses at one boundary.
+
+These are the bases. A capability's own errors subclass them beside the code that raises
+them (``TaskNotFound(NotFound)`` in `receiver.services.http`, the providers' answers in
+`receiver.providers._errors`); tests/core/test_errors.py walks the whole tree: one root,
+every code unique, every code documented in /openapi.json."""
 
 from __future__ import annotations
 

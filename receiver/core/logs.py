@@ -28,6 +28,7 @@ def bind_request(scope: Scope) -> None:
 
 
 def request_id() -> str | None:
+    """The id of the request being served, for the lines it logs."""
     scope = _CURRENT.get()
     if scope is None:
         return None
@@ -83,6 +84,7 @@ _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|api_key|key)=)[^&\s\"']+")
 
 
 def redact(text: str) -> str:
+    """``text`` with tokens and keys replaced by ``[redacted]``."""
     return _SECRET_QUERY.sub(r"\1[redacted]", text)
 
 

@@ -61,6 +61,7 @@ RANK_FINAL = 1000
 
 
 def rank(status: TaskStatus, progress: int | None, inferred: bool = False) -> int:
+    """Where an update stands in a task's life: only a higher rank is stored."""
     if status is TaskStatus.NOT_START:
         return 0
     if status is TaskStatus.SUBMITTED:
@@ -135,6 +136,7 @@ def iso(dt: datetime) -> str | None:
 
 
 def now_ms() -> int:
+    """Epoch milliseconds."""
     return time.time_ns() // 1_000_000
 
 

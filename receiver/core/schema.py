@@ -26,6 +26,7 @@ def ecma(regex: re.Pattern[str]) -> str:
 
 
 def ref(name: str) -> JsonDict:
+    """A reference to a schema among the document's components."""
     return {"$ref": f"#/components/schemas/{name}"}
 
 

@@ -286,6 +286,7 @@ def read_accounts(config: Config) -> dict[str, ProviderAccount]:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine only."""
     if host == "localhost":
         return True
     try:

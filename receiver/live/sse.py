@@ -42,6 +42,7 @@ class WrongTask(Forbidden):
 
 
 async def task_events(request: Request) -> Response:
+    """``GET /tasks/{id}/events``: one task's events, from its state now to its end."""
     job_id = request.path_params["job_id"]
     tenant = authenticate_events(request, job_id)
     last = _last_event_id(request)
@@ -63,6 +64,7 @@ async def task_events(request: Request) -> Response:
 
 
 async def tenant_events(request: Request) -> Response:
+    """``GET /events``: every event of the tenant, resumed after Last-Event-ID."""
     tenant = authenticate_events(request, None)
     last = _last_event_id(request)
     svc = services(request)

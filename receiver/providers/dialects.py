@@ -22,12 +22,8 @@ _UTC8 = timezone(timedelta(hours=8))
 Parser = Callable[[bytes], Update]
 
 
-def parse(provider: str, body: bytes) -> Update:
-    """Parse ``body`` in ``provider``'s dialect. Raises `InvalidPayload` (400)."""
-    return DIALECTS[provider](body)
-
-
 def parse_mjproxy(body: bytes) -> Update:
+    """midjourney-proxy's task (both generations, and relays)."""
     doc = _object(body)
     props = doc.get("properties")
     props = props if isinstance(props, dict) else {}
@@ -97,6 +93,7 @@ def _grid_button_parts(task_id: str) -> tuple[dict[str, str], ...]:
 
 
 def parse_ohmygpt(body: bytes) -> Update:
+    """OhMyGPT's task, bare or wrapped in ``data``."""
     doc = _object(body)
     # A callback may carry the task bare or wrapped like a query answer: {"data": {...}}.
     if "taskId" not in doc and isinstance(doc.get("data"), dict):
@@ -132,6 +129,7 @@ def _described(update: Update) -> Update:
 
 
 def parse_aigc2d(body: bytes) -> Update:
+    """AIGC2D's task (times in UTC+8)."""
     doc = _object(body)
     status = _status(doc.get("status"))
     image_url = _str(doc.get("image_url")) or None  # "" means no image (yet)

@@ -183,5 +183,6 @@ def connect_sentinel(settings: Settings) -> tuple[Redis, Callable[[], Awaitable[
 
 
 def services(request: Request) -> Services:
+    """The `Services` of the app serving ``request``."""
     svc: Services = request.app.state.services
     return svc

@@ -74,6 +74,7 @@ def holder(owner: CallbackClaims) -> bytes:
 
 
 def claim_key(keys: Keys, provider: str, provider_task_id: str) -> bytes:
+    """The claim's Redis key, as the transition script takes it."""
     if len(provider_task_id) > MAX_ID:
         raise InvalidPayload(f"a provider task id has at most {MAX_ID} characters")
     return keys.claim(provider, provider_task_id).encode()

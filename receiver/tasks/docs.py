@@ -74,7 +74,9 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
                 **BODY_ERRORS,
                 400: error("bad_request: not a JSON object, a provider that is not "
                            "configured, an unknown action, a mode the provider does not "
-                           "have, missing prompt or images, a parent of another provider..."),
+                           "have, missing prompt or images, a parent of another provider...; "
+                           "image_refused: an image URL that may not be fetched (a private "
+                           "address, too big, not an image)"),
                 404: error("task_not_found: no parent task for this tenant; unknown_parent: "
                            "the parent has no such button"),
                 409: error("mode_mismatch: a mode other than the parent's; parent_not_ready: "
@@ -94,12 +96,18 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
         parameters=[JOB_ID_PARAMETER],
         responses={
             200: ok("The task after the cancel", Task),
-            **_NOT_FOUND,
+            400: error("provider_refused, banned_prompt: the provider refused the cancel"),
+            404: error("task_not_found: no such task for this tenant; unknown_provider_task: "
+                       "the provider does not know the task"),
             409: error("task_final: it has ended; cancel_in_flight: it is being sent right "
                        "now; cannot_cancel: the provider cannot cancel a task it has been "
                        "sent"),
-            502: error("provider_error: the provider did not cancel it"),
-            503: error("store_unavailable or provider_down: try again", RETRY_AFTER),
+            429: error("provider_queue_full: the provider is too busy to answer; try again"),
+            502: error("provider_error: the provider did not cancel it; provider_auth: the "
+                       "provider refused our key"),
+            503: error("provider_busy, provider_down: the provider cannot be reached now; "
+                       "store_unavailable: Redis could not read or store it (Retry-After)",
+                       {"Retry-After": {**RETRY_AFTER["Retry-After"], "required": False}}),
             **AUTH_ERRORS,
         })},
     "/subscribe-tokens": {"post": Operation(

@@ -103,12 +103,14 @@ async def create_subscribe_token(request: Request) -> Response:
 
 
 async def get_task(request: Request) -> Response:
+    """``GET /tasks/{id}``: the tenant's task, as stored."""
     tenant = authenticate(request)
     return JSONResponse(await task_or_404(services(request), tenant,
                                           request.path_params["job_id"]))
 
 
 async def list_tasks(request: Request) -> Response:
+    """``GET /tasks``: a page of the tenant's tasks, newest first, by status if asked."""
     tenant = authenticate(request)
     params = request.query_params
     status = None

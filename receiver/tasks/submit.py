@@ -55,6 +55,7 @@ class ParentNotSubmittedHere(Conflict):
 
 
 async def create_task(request: Request) -> Response:
+    """``POST /tasks``: the task recorded and queued (202), within SUBMIT_RATE."""
     tenant = authenticate(request)
     svc = services(request)
     svc.submit_limiter.take(tenant, "submissions")
@@ -78,6 +79,7 @@ async def list_providers(request: Request) -> Response:
 
 
 async def get_usage(request: Request) -> Response:
+    """``GET /usage``: the tenant's cost ledger."""
     tenant = authenticate(request)
     svc = services(request)
     counters = await svc.redis.hgetall(svc.store.keys.usage(tenant))  # type: ignore[misc]

@@ -35,6 +35,7 @@ SHUTDOWN_TIMEOUT = 10.0
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
+    """The ASGI app: ``settings``, or the environment's when none are given."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 def error_response(exc: ReceiverError) -> Response:
+    """A domain error as the JSON answer every route gives: ``{error, detail}``."""
     return JSONResponse(
         {"error": exc.code, "detail": exc.detail},
         status_code=exc.status_code,

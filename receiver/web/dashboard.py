@@ -26,6 +26,7 @@ SECURITY_HEADERS = {
 
 
 async def index(request: Request) -> Response:
+    """``GET /``: the page, with its Content-Security-Policy."""
     return FileResponse(ASSETS / "index.html", headers=SECURITY_HEADERS)
 
 

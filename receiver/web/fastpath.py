@@ -22,7 +22,6 @@ from receiver.ingest.callbacks import PREFIX, receive_callback
 from receiver.live import sse
 
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class FastPath:

@@ -13,6 +13,7 @@ from receiver.services.http import JSONResponse
 
 
 async def healthz(request: Request) -> Response:
+    """Liveness: the process serves."""
     return JSONResponse({"status": "ok"})
 
 

@@ -129,4 +129,5 @@ SCHEMA = document(OPERATIONS)
 
 
 async def openapi_json(request: Request) -> Response:
+    """``GET /openapi.json``: the document, made once at import."""
     return JSONResponse(SCHEMA)

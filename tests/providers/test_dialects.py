@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from receiver.core.errors import InvalidPayload
 from receiver.core.models import TaskStatus
-from receiver.providers.dialects import DIALECTS, parse, parse_aigc2d, parse_mjproxy, parse_ohmygpt
+from receiver.providers.dialects import DIALECTS, parse_aigc2d, parse_mjproxy, parse_ohmygpt
 from tests.conftest import SAMPLES, sample
 
 # Sample files that are not task payloads (answers to a submit) and must be refused as one.
@@ -27,9 +27,9 @@ def test_every_sample_file_is_covered() -> None:
         assert provider in DIALECTS, name
         if name in NOT_TASKS:
             with pytest.raises(InvalidPayload):
-                parse(provider, sample(name))
+                DIALECTS[provider](sample(name))
         else:
-            update = parse(provider, sample(name))
+            update = DIALECTS[provider](sample(name))
             assert update.provider_task_id
             assert update.raw == sample(name)
 
@@ -137,7 +137,7 @@ def test_aigc2d_failure_reason_from_message() -> None:
 )
 def test_bad_bodies_are_refused(provider: str, body: bytes, why: str) -> None:
     with pytest.raises(InvalidPayload, match=why):
-        parse(provider, body)
+        DIALECTS[provider](body)
 
 
 def test_lowercase_status_and_numeric_progress() -> None:
@@ -149,7 +149,7 @@ def test_lowercase_status_and_numeric_progress() -> None:
 def test_arbitrary_bytes_give_an_update_or_invalid_payload(body: bytes) -> None:
     for provider in DIALECTS:
         try:
-            update = parse(provider, body)
+            update = DIALECTS[provider](body)
         except InvalidPayload:
             continue
         assert update.provider_task_id
@@ -181,7 +181,7 @@ def test_any_field_values_give_an_update_or_a_400(
         doc: dict[str, object] = {**fields, "status": status, key: task_id}
         body = json.dumps({"data": doc} if wrap and provider == "ohmygpt" else doc).encode()
         with contextlib.suppress(InvalidPayload):
-            update = parse(provider, body)
+            update = DIALECTS[provider](body)
             assert update.progress is None or 0 <= update.progress <= 100
             update.fields()
 
@@ -202,7 +202,7 @@ def test_values_out_of_range_are_dropped_not_a_crash(
     provider: str, extra: dict[str, object]
 ) -> None:
     key = {"mjproxy": "id", "ohmygpt": "taskId", "aigc2d": "task_id"}[provider]
-    update = parse(provider, json.dumps({key: 1, "status": "IN_PROGRESS", **extra}).encode())
+    update = DIALECTS[provider](json.dumps({key: 1, "status": "IN_PROGRESS", **extra}).encode())
     assert (update.progress, update.submitted_at, update.finished_at) == (None, None, None)
 
 
@@ -271,7 +271,7 @@ def test_ohmygpt_and_aigc2d_describe_drop_the_input_image(
 ) -> None:
     body = orjson.dumps({**doc, "action": "DESCRIBE", "status": "SUCCESS",
                          "prompt": DESCRIBED})
-    u = parse(provider, body)
+    u = DIALECTS[provider](body)
     assert (u.final_prompt, u.prompt) == (DESCRIBED, None)
     assert (u.image_url, u.image_urls) == (None, None)
 
