@@ -36,6 +36,7 @@ import redis
 
 from receiver.cli.redis_server import RedisServer, free_port
 from receiver.core.constants import Keys
+from receiver.store.history import merge
 
 ROOT = Path(__file__).resolve().parent.parent
 # Standard Webhooks retries at 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h: the same shape in
@@ -224,8 +225,8 @@ def check(store: RedisServer, minted: list[dict[str, str]], acked: set[tuple[str
     want = [round((s + 1) * 99 / steps) for s in range(steps - 1)] + [100]
     for job in minted:
         job_id = job["job_id"]
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(  # type: ignore[assignment]
-            KEYS.history("chaos", job_id))
+        stream = client.xrange(KEYS.history("chaos", job_id))  # then the compacted part
+        entries = merge(client.hget(KEYS.task("chaos", job_id), "h"), stream)
         history = [orjson.loads(fields[b"data"]) for _, fields in entries][1:]  # after created
         progress = [event["progress"] for event in history]
         versions = [event["version"] for event in history]

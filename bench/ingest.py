@@ -49,6 +49,7 @@ import uvloop
 from receiver.cli.redis_server import RedisServer, free_port
 from receiver.core.constants import DEFAULT_PREFIX, Keys
 from receiver.core.settings import DEFAULT_TENANT
+from receiver.store.history import merge
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS_APP = "receiver.app:create_app"
@@ -273,9 +274,12 @@ def stored_transitions(client: redis.Redis, jobs: Sequence[tuple[str, str]]) -> 
     its created event). Exact even when the tenant stream has been trimmed."""
     keys = Keys(DEFAULT_PREFIX)
     pipe = client.pipeline(transaction=False)
-    for job_id, _ in jobs:
-        pipe.xlen(keys.history(DEFAULT_TENANT, job_id))
-    return sum(max(0, int(n) - 1) for n in pipe.execute())
+    for job_id, _ in jobs:  # a finished task's history is compacted: both parts
+        pipe.xrange(keys.history(DEFAULT_TENANT, job_id))
+        pipe.hget(keys.task(DEFAULT_TENANT, job_id), "h")
+    replies = pipe.execute()
+    return sum(max(0, len(merge(blob, stream)) - 1)
+               for stream, blob in zip(replies[::2], replies[1::2], strict=True))
 
 
 # --- wrk -----------------------------------------------------------------------------------

@@ -51,7 +51,15 @@ from typing import Any, cast
 import redis
 import uvloop
 
-from bench.ingest import CALLBACKS_PER_JOB, PROGRESS_STEPS, ROOT, callbacks, mint, write_markdown
+from bench.ingest import (
+    CALLBACKS_PER_JOB,
+    PROGRESS_STEPS,
+    ROOT,
+    SERVICE_ENV,
+    callbacks,
+    mint,
+    write_markdown,
+)
 from bench.sse_clients import (
     APPS,
     NOFILE,
@@ -478,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             env = {**os.environ, "REDIS_URL": store.url,
                    "RECEIVER_SECRET_KEYS": secrets.token_urlsafe(32),
                    "RECEIVER_API_KEYS": "", "SSE_MAX_PER_TENANT": "0", "PUBLIC_BASE_URL": "",
-                   "REDIS_PREFIX": DEFAULT_PREFIX}
+                   "REDIS_PREFIX": DEFAULT_PREFIX, **SERVICE_ENV}
             with contextlib.ExitStack() as stack:
                 for side in dict.fromkeys(["ours", *args.sides]):  # ours is the producer
                     servers[side] = stack.enter_context(

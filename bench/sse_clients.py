@@ -173,11 +173,13 @@ class SseClient(asyncio.Protocol):
             self._body += raw
             raw.clear()
         body = self._body
+        if body and not self.first.done():
+            # any line: the stream opens with a comment (no blank line after it, so that no
+            # client reads an empty message), sent once the subscriber is registered
+            self.first.set_result(True)
         while (end := body.find(EVENT_END)) >= 0:
             event = bytes(body[:end])
             del body[:end + 4]
-            if not self.first.done():
-                self.first.set_result(True)
             if b"data:" in event:
                 self.data_events += 1
                 if self.keep:

@@ -26,6 +26,7 @@ from receiver.core.settings import PROVIDERS, ProviderAccount, Settings
 from receiver.providers.dialects import DIALECTS
 from receiver.server.streams import StreamProtocol
 from receiver.simulator import SimulatorConfig, create_simulator
+from receiver.store.history import merge
 from receiver.web.app import create_app
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
@@ -255,9 +256,17 @@ def forget_claims(r: redis.Redis) -> None:
         r.delete(*claims)
 
 
+def history_entries(r: redis.Redis, tenant: str, job_id: str
+                    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The stored transitions of one task, oldest first, (id, fields): its stream's, and
+    those a compaction moved into its hash (`receiver.store.history`)."""
+    stream = r.xrange(KEYS.history(tenant, job_id))
+    return merge(r.hget(KEYS.task(tenant, job_id), "h"), stream)  # type: ignore[arg-type]
+
+
 def history(r: redis.Redis, tenant: str, job_id: str) -> list[dict[bytes, bytes]]:
     """The stored transitions of one task, oldest first."""
-    return [fields for _, fields in r.xrange(KEYS.history(tenant, job_id))]
+    return [fields for _, fields in history_entries(r, tenant, job_id)]
 
 
 # --- the submitter's stack: receiver with its worker, and the provider simulator ----

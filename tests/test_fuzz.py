@@ -37,12 +37,12 @@ from receiver.core.tokens import CallbackClaims, SubscribeClaims, TokenSigner
 from receiver.providers.dialects import DIALECTS
 from receiver.store.tasks import redact_tokens
 from tests.conftest import (
-    KEYS,
     SAMPLES,
     LiveServer,
     base_settings,
     forget_claims,
     history,
+    history_entries,
     mint,
 )
 
@@ -594,7 +594,7 @@ class Live:
         return int(self.rdb.dbsize())
 
     def history_len(self, job: str) -> int:
-        return int(self.rdb.xlen(KEYS.history("acme", job)))
+        return len(history_entries(self.rdb, "acme", job))
 
     def post(self, url: str | bytes, body: bytes) -> httpx.Response:
         """POST ``body`` to ``url``, or to a raw path (bytes: sent as they are)."""

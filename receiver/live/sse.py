@@ -27,6 +27,7 @@ from receiver.events.hub import Event, event_key
 from receiver.services.auth import authenticate
 from receiver.services.container import Services, services
 from receiver.services.http import task_or_404
+from receiver.store import history
 
 _EVENT_ID_RE = re.compile(r"^\d{1,15}-\d{1,15}\Z")
 _CHUNK = 500  # stream entries read per round trip when replaying
@@ -51,8 +52,8 @@ async def task_events(request: Request) -> Response:
     try:
         task = await task_or_404(svc, tenant, job_id)
         if last and TaskStatus(orjson.loads(task)["status"]).terminal:
-            latest = await svc.redis.xrevrange(svc.store.keys.history(tenant, job_id), count=1)
-            if latest and event_key(last) >= event_key(latest[0][0].decode()):
+            latest = await history.latest(svc.redis, svc.store.keys, tenant, job_id)
+            if latest and event_key(last) >= event_key(latest[0].decode()):
                 # The client has seen the end (an EventSource reconnects by itself after
                 # every close); 204 is the standard way to tell it to stop.
                 svc.hub.unreserve(tenant)
@@ -216,12 +217,19 @@ async def _history(
     stream = keys.history(tenant, task_id) if task_id else keys.stream(tenant)
     if last is None:
         if task_id is not None:  # a new watcher of one task starts from its current state
-            for _, fields in await redis.xrevrange(stream, count=1):
-                yield Event.from_json(fields[b"data"])
+            latest = await history.latest(redis, keys, tenant, task_id)
+            if latest is not None:
+                yield Event.from_json(latest[1][b"data"])
         return
     if await _older_than_retained(svc, stream, last):
         async for event in _snapshots(svc, tenant, task_id):
             yield event
+        return
+    if task_id is not None:  # a finished task's history is compacted: read both parts
+        after = event_key(last)
+        for entry_id, fields in await history.read(redis, keys, tenant, task_id):
+            if event_key(entry_id.decode()) > after:
+                yield Event.from_json(fields[b"data"])
         return
     lower = f"({last}"
     while entries := await redis.xrange(stream, min=lower, count=_CHUNK):
@@ -254,9 +262,12 @@ async def _snapshots(svc: Services, tenant: str, task_id: str | None) -> AsyncIt
         jobs = [j.decode() for j in await redis.zrevrange(
             keys.index(tenant), 0, svc.settings.sse_snapshot_limit - 1)]
     pipe = redis.pipeline(transaction=False)
-    for job in jobs:
+    for job in jobs:  # the stream's last entry, then the compacted part (`history.merge`)
         pipe.xrevrange(keys.history(tenant, job), count=1)
-    latest = [Event.from_json(entries[0][1][b"data"])
-              for entries in await pipe.execute() if entries]
+        pipe.hget(keys.task(tenant, job), "h")
+    replies = await pipe.execute()
+    newest = [history.newest(blob, tail) for tail, blob in zip(replies[::2], replies[1::2],
+                                                                strict=True)]
+    latest = [Event.from_json(entry[1][b"data"]) for entry in newest if entry is not None]
     for event in sorted(latest, key=lambda e: e.key):
         yield event

@@ -31,6 +31,7 @@ from receiver.core.settings import Settings
 from receiver.core.tokens import CallbackClaims
 from receiver.store.batcher import ClusterBatcher, ScriptBatcher
 from receiver.store.claims import ProviderTaskClaimed, claim_key, claim_ttl
+from receiver.store.history import HistoryCompactor
 
 # The script finds the version at the end of the stored values.
 assert TASK_FIELDS[-1] == "version"
@@ -153,6 +154,7 @@ class TaskStore:
         self.batcher = batcher  # the transition script
         self.keys = Keys(settings.redis_prefix)
         self.settings = settings
+        self.history = HistoryCompactor(redis, self.keys)  # a final state's history shrinks
         self._limits = [
             str(settings.tenant_stream_maxlen).encode(),
             str(settings.task_history_maxlen).encode(),
@@ -169,6 +171,7 @@ class TaskStore:
         self._claim_ttl = b"%d" % claim_ttl(settings)
 
     async def close(self) -> None:
+        await self.history.close()
         await self.batcher.close()
 
     async def create(
@@ -240,6 +243,8 @@ class TaskStore:
                 f"{claims.provider} task {ptid[:80]!r} belongs to another task here")
         if reply[0] != b"stored":
             return Outcome(reply[0].decode(), int(reply[1]) if len(reply) > 1 else None)
+        if status.terminal:
+            self.history.soon(tenant, job)
         return Outcome("stored", int(reply[1]), reply[2].decode(),
                        reply[3] if len(reply) > 3 else None)
 

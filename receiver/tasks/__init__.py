@@ -12,6 +12,7 @@ ROUTES = [
     Route("/tasks", routes.list_tasks, methods=["GET"]),
     Route("/tasks", submit.create_task, methods=["POST"]),
     Route("/tasks/{job_id}", routes.get_task, methods=["GET"]),
+    Route("/tasks/{job_id}/history", routes.get_history, methods=["GET"]),
     Route("/tasks/{job_id}/cancel", submit.cancel_task, methods=["POST"]),
     Route("/usage", submit.get_usage, methods=["GET"]),
     Route("/providers", submit.list_providers, methods=["GET"]),

@@ -26,6 +26,7 @@ from receiver.tasks.schemas import (
     NewTask,
     Providers,
     SubscribeToken,
+    TaskHistory,
     TaskPage,
     Usage,
 )
@@ -90,6 +91,11 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
     "/tasks/{job_id}": {"get": Operation(
         "One task", parameters=[JOB_ID_PARAMETER],
         responses={200: ok("The task", Task), **_NOT_FOUND, **TENANT_ERRORS})},
+    "/tasks/{job_id}/history": {"get": Operation(
+        "Every stored transition of one task, with the provider's raw body, oldest first "
+        "(a finished task's history is compacted in Redis; this reads it back whole)",
+        parameters=[JOB_ID_PARAMETER],
+        responses={200: ok("The transitions", TaskHistory), **_NOT_FOUND, **TENANT_ERRORS})},
     "/tasks/{job_id}/cancel": {"post": Operation(
         "Cancel a task: one still in our queue is CANCEL at once and never sent; a sent one "
         "is canceled at the provider where it can be",

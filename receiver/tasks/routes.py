@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from typing import Any
 
@@ -19,6 +20,7 @@ from receiver.providers.dialects import DIALECTS
 from receiver.services.auth import authenticate
 from receiver.services.container import services
 from receiver.services.http import JSONResponse, json_model, task_or_404
+from receiver.store import history
 from receiver.tasks.schemas import MAX_PAGE, NewCallbackUrl, NewSubscribeToken
 
 # A mint's body is a few short fields (a prompt: 8 KiB at most): no need for MAX_BODY_BYTES.
@@ -107,6 +109,30 @@ async def get_task(request: Request) -> Response:
     tenant = authenticate(request)
     return JSONResponse(await task_or_404(services(request), tenant,
                                           request.path_params["job_id"]))
+
+
+async def get_history(request: Request) -> Response:
+    """``GET /tasks/{id}/history``: every stored transition of the tenant's task, oldest
+    first, each with the provider's raw body as stored (a finished task's compacted history
+    included: `receiver.store.history`)."""
+    tenant = authenticate(request)
+    svc = services(request)
+    job_id = request.path_params["job_id"]
+    await task_or_404(svc, tenant, job_id)
+    entries = await history.read(svc.redis, svc.store.keys, tenant, job_id)
+    items = [b'{"event_id":%s,"event":%s,"task":%s,%s}' % (
+        orjson.dumps(entry_id.decode()), orjson.dumps(fields[b"event"].decode()),
+        fields[b"data"], _raw(fields.get(b"raw", b""))) for entry_id, fields in entries]
+    return JSONResponse(b'{"task_id":"%s","transitions":[%s]}' % (
+        job_id.encode(), b",".join(items)))
+
+
+def _raw(raw: bytes) -> bytes:
+    """The raw body as a JSON member: text as sent, or base64 if it is not UTF-8."""
+    try:
+        return b'"raw":%s' % orjson.dumps(raw.decode())
+    except UnicodeDecodeError:
+        return b'"raw":null,"raw_base64":"%s"' % base64.b64encode(raw)
 
 
 async def list_tasks(request: Request) -> Response:

@@ -6,9 +6,12 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
 
 from receiver.core.constants import JOB_ID_RE
+from receiver.core.models import EventKind
 from receiver.core.schema import (
+    EventId,
     JobId,
     Model,
     Task,
@@ -114,6 +117,23 @@ class NewTask(Model):
     mask: Annotated[str | None, Field(min_length=1, max_length=MAX_IMAGE_TEXT)] = Field(
         None, description="Vary Region's dialog: the area to redraw, a PNG data URL or "
                           "image URL")
+
+
+class Transition(Model):
+    event_id: EventId
+    event: EventKind
+    task: TaskEvent = Field(description="the task as this transition left it")
+    raw: str | None = Field(description="the body the provider sent (its callback token "
+                                        "redacted); null when it is not UTF-8")
+    raw_base64: str | SkipJsonSchema[None] = Field(
+        None, description="the body, base64, when it is not UTF-8")
+
+
+class TaskHistory(Model):
+    """Every stored transition of a task, oldest first."""
+
+    task_id: JobId
+    transitions: list[Transition]
 
 
 class LedgerCounters(Model):

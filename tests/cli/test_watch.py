@@ -12,7 +12,7 @@ import redis
 from rich.console import Console
 
 from receiver.cli.watch import watch
-from tests.conftest import KEYS, LiveServer, base_settings, mint
+from tests.conftest import LiveServer, base_settings, history_entries, mint
 
 
 def progress(pct: int) -> bytes:
@@ -77,5 +77,5 @@ def test_watch_resumes_after_the_server_drops(make_server: Callable[..., LiveSer
     finally:
         second.stop()
     assert watcher.code == 0
-    history = [i.decode() for i, _ in r.xrange(KEYS.history("acme", job))]
+    history = [i.decode() for i, _ in history_entries(r, "acme", job)]
     assert watcher.seen == history  # every event once, none skipped across the drop

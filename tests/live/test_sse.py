@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from receiver.cli.redis_server import RedisServer
 from receiver.events.hub import event_key
 from receiver.server.streams import StreamProtocol
-from tests.conftest import KEYS, TIMEOUT, LiveServer, base_settings, mint
+from tests.conftest import KEYS, TIMEOUT, LiveServer, base_settings, history_entries, mint
 
 ACME = {"Authorization": "Bearer key-acme"}
 
@@ -99,7 +99,8 @@ def test_task_stream_is_live_and_ends_after_the_terminal_event(
     assert reader.ended
     assert [e.event for e in reader.events] == [
         "task.created", "task.progress", "task.progress", "task.succeeded"]
-    assert [e.id for e in reader.events] == stored_ids(r, KEYS.history("acme", job))
+    assert [e.id for e in reader.events] == [
+        i.decode() for i, _ in history_entries(r, "acme", job)]
     data = [orjson.loads(e.data) for e in reader.events]
     assert [d["progress"] for d in data] == [0, 10, 50, 100]
     assert all(d["event_id"] == e.id for d, e in zip(data, reader.events, strict=True))
@@ -125,7 +126,7 @@ def test_resume_with_header_or_query_gets_exactly_what_followed(
     job, url = mint(acme)
     for pct in (10, 20, 30, 40):
         acme.post(url, content=progress("p1", pct))
-    ids = stored_ids(r, KEYS.history("acme", job))
+    ids = [i.decode() for i, _ in history_entries(r, "acme", job)]
     by_header = Reader(server, f"/tasks/{job}/events", {**ACME, "Last-Event-ID": ids[2]},
                        limit=2)
     by_header.start()

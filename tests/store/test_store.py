@@ -27,7 +27,7 @@ from receiver.store.tasks import (
     TransitionArgs,
     TransitionKeys,
 )
-from tests.conftest import KEYS, base_settings
+from tests.conftest import KEYS, base_settings, history_entries
 
 
 class Store(TaskStore):
@@ -87,7 +87,7 @@ def test_inferred_failure_is_replaced_by_a_later_provider_success(
     assert (task["status"], task["version"], task["image_url"]) == ("SUCCESS", 3, "u")
     # nothing of the failure it replaced is left
     assert task["fail_reason"] is None and task["progress"] == 100
-    history = [orjson.loads(f[b"data"]) for _, f in r.xrange(KEYS.history("acme", c.job_id))]
+    history = [orjson.loads(f[b"data"]) for _, f in history_entries(r, "acme", c.job_id)]
     assert history[1]["finished_at"] is not None  # our inferred end
     assert task["finished_at"] == "2030-01-01T00:00:00.000Z"  # replaced by the provider's
 
@@ -137,7 +137,7 @@ def test_event_ids_are_shared_by_stream_and_history_and_increase(
     tenant_ids = [i for i, _ in r.xrange(KEYS.stream("acme"))]
     assert len(tenant_ids) == 58
     for c in (a, b):
-        for event_id, fields in r.xrange(KEYS.history("acme", c.job_id)):
+        for event_id, fields in history_entries(r, "acme", c.job_id):
             data = orjson.loads(fields[b"data"])
             assert data["event_id"] == event_id.decode()
             assert event_id in tenant_ids

@@ -1,0 +1,114 @@
+"""receiver.store.history: a finished task's history is compacted, and every transition and
+raw body still reads back exactly, through GET /tasks/{id}/history."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import orjson
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.ingest import callbacks
+from receiver.cli.redis_server import RedisServer
+from receiver.core.models import TaskStatus, Update
+from receiver.store import TaskStore
+from receiver.store.history import merge, pack, read, unpack
+from receiver.store.tasks import redact_tokens
+from tests.conftest import KEYS, LiveServer, mint
+from tests.store.test_store import claims, run
+
+
+def wait_compacted(r: redis.Redis, job: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while r.hget(KEYS.task("acme", job), "hl") is None or r.exists(
+            KEYS.history("acme", job)):
+        assert time.monotonic() < deadline, "the history was not compacted"
+        time.sleep(0.02)
+
+
+def test_a_finished_task_reads_back_every_transition_and_raw_body_byte_for_byte(
+        server: LiveServer, acme: httpx.Client, r: redis.Redis) -> None:
+    job, url = mint(acme, prompt="a watercolor cat")
+    bodies = callbacks("1700000000000123", "a watercolor cat")  # 10 steps, SUCCESS; ~1 KB each
+    for body in bodies:
+        assert acme.post(url, content=body).json()["result"] == "stored"
+    wait_compacted(r, job)
+
+    answer = acme.get(f"/tasks/{job}/history")
+    assert answer.status_code == 200
+    transitions = answer.json()["transitions"]
+    assert [t["event"] for t in transitions] == [
+        "task.created", *["task.progress"] * (len(bodies) - 1), "task.succeeded"]
+    assert [t["raw"] for t in transitions] == ["", *(
+        redact_tokens(b).decode() for b in bodies)]
+    # each snapshot is the one the tenant stream carried for that event, byte for byte
+    published = {i.decode(): f[b"data"] for i, f in r.xrange(KEYS.stream("acme"))}
+    raw_answer = answer.content
+    for t in transitions:
+        assert published[t["event_id"]] in raw_answer
+        assert t["task"] == orjson.loads(published[t["event_id"]])
+    assert transitions[-1]["task"] == acme.get(f"/tasks/{job}").json() | {
+        "event": "task.succeeded", "event_id": transitions[-1]["event_id"]}
+    kept = (r.memory_usage(KEYS.task("acme", job), samples=0) or 0) + (
+        r.memory_usage(KEYS.history("acme", job), samples=0) or 0)
+    assert kept < 8 * 1024, kept  # 12 transitions of ~2.5 KB each, compacted
+    with server.client("key-beta") as beta:  # another tenant does not read it
+        assert beta.get(f"/tasks/{job}/history").status_code == 404
+
+
+async def settled(store: TaskStore) -> None:
+    while store.history.pending:
+        await asyncio.wait(store.history.pending)
+
+
+def test_a_late_final_after_compaction_is_kept_and_racing_compactions_lose_nothing(
+        redis_server: RedisServer) -> None:
+    c = claims()
+    raws = [b'{"step":%d,"token=secret":"x\xff"}' % n for n in range(5)]
+
+    async def body(store: TaskStore) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        for n, pct in enumerate((10, 40, 70)):
+            await store.apply(c, Update(TaskStatus.IN_PROGRESS, pct, "p9", raw=raws[n]))
+        await store.apply(c, Update(TaskStatus.FAILURE, fail_reason="timed out",
+                                    inferred=True, raw=raws[3]))
+        await settled(store)  # compacted in the background
+        late = await store.apply(c, Update(TaskStatus.SUCCESS, 100, "p9", raw=raws[4]))
+        assert late.result == "stored"
+        outcomes = await asyncio.gather(*(store.history.compact(c.tenant, c.job_id)
+                                          for _ in range(4)))
+        # with the one the late final started in the background: one wins, the rest see it
+        assert set(outcomes) <= {"compacted", "raced", "short"}, outcomes
+        await settled(store)
+        return await read(store.redis, store.keys, c.tenant, c.job_id)
+
+    entries = run(redis_server, body)
+    client = redis.Redis.from_url(redis_server.url)
+    assert not client.exists(KEYS.history("acme", c.job_id))  # all of it in the blob
+    published = [(i, f[b"data"]) for i, f in client.xrange(KEYS.stream("acme"))
+                 if orjson.loads(f[b"data"])["id"] == c.job_id]
+    assert [(i, f[b"data"]) for i, f in entries] == published
+    assert [f[b"raw"] for _, f in entries] == [redact_tokens(raw) for raw in raws]
+    assert [orjson.loads(f[b"data"])["status"] for _, f in entries] == [
+        "IN_PROGRESS", "IN_PROGRESS", "IN_PROGRESS", "FAILURE", "SUCCESS"]
+
+
+ids = st.tuples(st.integers(0, 2**48), st.integers(0, 2**20)).map(
+    lambda t: b"%d-%d" % t)
+fields = st.dictionaries(st.binary(max_size=8), st.binary(max_size=64), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(ids, fields), max_size=12))
+def test_pack_keeps_every_entry_byte_for_byte(
+        entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    assert unpack(pack(entries)) == entries
+
+
+def test_merge_counts_an_entry_in_both_parts_once() -> None:
+    a, b, c = ((b"1-%d" % n, {b"data": b"%d" % n}) for n in range(3))
+    assert merge(pack([a, b]), [b, c]) == [a, b, c]  # compacted between the two reads
+    assert merge(None, [a, b, c]) == [a, b, c]
