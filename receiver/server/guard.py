@@ -28,6 +28,7 @@ from uvicorn.server import ServerState
 
 from receiver.core.lifespan import SETTINGS, STOPPING
 from receiver.core.settings import Settings
+from receiver.server.access import access_log
 
 _DEFAULTS = Settings()
 # Where the parser is: before a request's first byte, in its head, in its body.
@@ -41,9 +42,10 @@ _METHODS = ("connection_made", "connection_lost", "data_received", "on_message_b
             "on_headers_complete", "on_message_complete", "handle_websocket_upgrade")
 _INIT = ("config", "server_state", "app_state", "_loop")
 _SET_IN_INIT = {
-    HttpToolsProtocol: ("loop", "transport", "flow", "pipeline", "cycle", "server_state"),
+    HttpToolsProtocol: ("loop", "transport", "flow", "pipeline", "cycle", "server_state",
+                        "access_logger", "access_log"),
     RequestResponseCycle: ("response_started", "response_complete", "disconnected",
-                           "message_event", "keep_alive"),
+                           "message_event", "keep_alive", "access_logger"),
     FlowControl: ("read_paused",),
 }
 _SERVER_STATE = ("connections", "tasks", "total_requests", "default_headers")
@@ -108,6 +110,10 @@ class GuardedProtocol(HttpToolsProtocol):
                  head_timer: asyncio.TimerHandle | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         settings = settings_of(app_state)
+        if self.access_log:  # our batched access log in place of uvicorn's logger
+            fast = access_log(settings.log_format == "json")
+            if fast is not None:
+                self.access_logger = fast  # type: ignore[assignment]
         self.head_time = chosen(self.head_timeout, settings.head_timeout)
         self.head_cap = int(chosen(self.max_head_bytes, settings.max_head_bytes))
         self.body_time = chosen(self.body_timeout, settings.body_timeout)

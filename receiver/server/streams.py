@@ -46,6 +46,7 @@ from uvicorn.server import ServerState
 from receiver.events.hub import chunked
 from receiver.ingest.callbacks import receive_callback
 from receiver.live.sse import CUT, DETACH, PING
+from receiver.server.access import access_log
 from receiver.server.guard import GuardedProtocol, chosen, refusal, settings_of, stop_streams
 from receiver.web import fastpath
 
@@ -58,11 +59,10 @@ _DISCONNECT = {"type": "http.disconnect"}
 _PING_CHUNK, _CUT_CHUNK, _LAST_CHUNK = chunked(PING), chunked(CUT), b"0\r\n\r\n"
 
 log = logging.getLogger("uvicorn.error")
-access_log = logging.getLogger("uvicorn.access")
 
 
 class StreamProtocol(asyncio.Protocol):
-    __slots__ = ("app_state", "backlog", "buffer", "chunked", "config", "drained", "gone",
+    __slots__ = ("access", "app_state", "backlog", "buffer", "chunked", "config", "drained", "gone",
                  "head_cap",
                  "head_time", "hub", "lost", "paused", "requested", "responded", "scope",
                  "send_timeout", "sent", "server_state", "stopping", "sub", "successor",
@@ -80,6 +80,7 @@ class StreamProtocol(asyncio.Protocol):
         self.server_state = server_state
         self.app_state = app_state
         settings = settings_of(app_state)
+        self.access = access_log(settings.log_format == "json") if config.access_log else None
         self.head_time = chosen(self.head_timeout, settings.head_timeout)
         self.head_cap = int(chosen(self.max_head_bytes, settings.max_head_bytes))
         self.transport: asyncio.Transport | None = None
@@ -313,11 +314,11 @@ class StreamProtocol(asyncio.Protocol):
         lines.append(b"connection: close\r\n\r\n")
         self.transport.write(b"".join(lines))
         self.responded = True
-        if access_log.hasHandlers() and self.scope is not None:  # as uvicorn's, which
+        if self.access is not None and self.scope is not None:  # as uvicorn's, which
             # names the client after the proxy-headers middleware has rewritten it
             scope: Any = self.scope  # (uvicorn types it as its own TypedDict)
-            access_log.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope), "GET",
-                            get_path_with_query_string(scope), "1.1", status)
+            self.access.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope), "GET",
+                             get_path_with_query_string(scope), "1.1", status)
         self.scope = None
 
     # --- detached: the hub writes ------------------------------------------------------

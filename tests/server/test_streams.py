@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from receiver.cli.redis_server import RedisServer
+from receiver.server.access import access_log
 from receiver.server.streams import StreamProtocol
 from tests.conftest import LiveServer, base_settings, mint
 
@@ -234,15 +235,18 @@ def test_a_client_that_stops_reading_during_the_replay_is_let_go(
 
 
 def test_the_access_log_names_the_client_the_proxy_names(
-    streams: LiveServer, caplog: pytest.LogCaptureFixture
+    streams: LiveServer, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
-        raw = Raw(streams, b"GET /events?token=abc HTTP/1.1\r\nX-Forwarded-For: 203.0.113.7\r\n"
-                  b"Host: x\r\n\r\n")
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):  # the tests' servers: WARNING
+        raw = Raw(streams, b"GET /events?token=abc HTTP/1.1\r\nX-Forwarded-For: 203.0.113.7"
+                  b"\r\nHost: x\r\n\r\n")
         raw.read_to_end()
-    [line] = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
-    assert line.startswith('203.0.113.7:0 - "GET /events?token=')
-    assert line.endswith('HTTP/1.1" 401')
+        log = access_log(json_lines=False)
+    assert log is not None
+    log.flush()
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "uvicorn.access" in x]
+    assert line == ('INFO uvicorn.access: 203.0.113.7:0 - "GET /events?token=[redacted] '
+                    'HTTP/1.1" 401')
 
 
 def test_the_installed_uvicorn_keeps_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
