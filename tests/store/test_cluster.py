@@ -3,6 +3,7 @@ once, live events, admission and the ledger."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -106,3 +107,23 @@ def test_admission_and_the_ledger_on_a_cluster(redis_cluster: RedisClusterNodes)
 
 def test_readiness_on_a_cluster(cluster_server: LiveServer) -> None:
     assert httpx.get(f"{cluster_server.url}/readyz").json() == {"status": "ready"}
+
+
+def test_a_finished_tasks_history_is_compacted_on_a_cluster(
+        cluster_server: LiveServer, redis_cluster: RedisClusterNodes) -> None:
+    check = RedisCluster.from_url(redis_cluster.url)
+    bodies = [progress("p-hist", 30), success("p-hist")]
+    with cluster_server.client("key-beta") as client:
+        job, url = mint(client)
+        for body in bodies:
+            assert client.post(url, content=body).json()["result"] == "stored"
+        deadline = time.monotonic() + 10
+        while check.exists(KEYS.history("beta", job)):  # compacted into the task's hash
+            assert time.monotonic() < deadline, "not compacted"
+            time.sleep(0.02)
+        transitions = client.get(f"/tasks/{job}/history").json()["transitions"]
+    assert check.hget(KEYS.task("beta", job), "hl") is not None
+    check.close()
+    assert [t["event"] for t in transitions] == [
+        "task.created", "task.progress", "task.succeeded"]
+    assert [t["raw"].encode() for t in transitions[1:]] == bodies
