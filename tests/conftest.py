@@ -26,7 +26,7 @@ from receiver.core.settings import PROVIDERS, ProviderAccount, Settings
 from receiver.providers.dialects import DIALECTS
 from receiver.server.streams import StreamProtocol
 from receiver.simulator import SimulatorConfig, create_simulator
-from receiver.store.history import merge
+from receiver.store.history import merge, unpack
 from receiver.web.app import create_app
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
@@ -344,7 +344,12 @@ def every_value(r: redis.Redis) -> bytes:
         if kind == b"string":
             out.append(r.get(key) or b"")
         elif kind == b"hash":
-            out += [b for pair in r.hgetall(key).items() for b in pair]
+            fields = r.hgetall(key)
+            out += [b for pair in fields.items() for b in pair]
+            if b"h" in fields and b":task:" in key:
+                # a finished task's compacted history: searched as its entries, not as zlib
+                out += [b for _, entry in unpack(fields[b"h"]) for pair in entry.items()
+                        for b in pair]
         elif kind == b"stream":
             out += [b for _, fields in r.xrange(key) for pair in fields.items() for b in pair]
         elif kind == b"zset":
