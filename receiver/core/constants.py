@@ -99,9 +99,23 @@ class Keys:
     # A provider account's keys share the account as hash tag: the admission script touches
     # its queue and its slots together.
 
-    def queue(self, account: str) -> str:
-        """Sorted set: ``tenant/job`` waiting for a slot (NOT_START), scored by the job's
-        creation ms (its id's first 12 hex digits)."""
+    def queue(self, account: str, tenant: str) -> str:
+        """Sorted set: the tenant's ``tenant/job`` waiting for a slot of the account
+        (NOT_START), scored by the job's creation ms (its id's first 12 hex digits)."""
+        return f"{self.prefix}:queue:{{acct:{account}}}:{tenant}"
+
+    def turns(self, account: str) -> str:
+        """Sorted set: the tenants with tasks waiting for the account, scored by their turn
+        (the lowest is served next; a tenant served goes behind the others)."""
+        return f"{self.prefix}:turns:{{acct:{account}}}"
+
+    def turn(self, account: str) -> str:
+        """String: the account's turn counter (one more at every task sent)."""
+        return f"{self.prefix}:turn:{{acct:{account}}}"
+
+    def legacy_queue(self, account: str) -> str:
+        """Sorted set: the one queue of every tenant, before queues were per tenant; still
+        drained first, so that an upgrade strands no queued task."""
         return f"{self.prefix}:queue:{{acct:{account}}}"
 
     def slots(self, account: str) -> str:

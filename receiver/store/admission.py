@@ -1,10 +1,15 @@
-"""Admission: never more unfinished tasks at a provider account than its limit.
+"""Admission: never more unfinished tasks at a provider account than its limit, and the
+account's tenants served in turn.
 
-Two sorted sets per account, under the account's hash tag: the queue (tasks waiting, NOT_START,
-scored by creation so the oldest goes first) and the slots (tasks sent, scored by when, or by
-when a poll last found the task still queued at the provider). Taking
-a slot and popping the oldest task is one script, so any number of dispatchers can run: a task
-is popped once, and the slots never outnumber the limit.
+Each tenant has its queue per account (tasks waiting, NOT_START, scored by creation so its
+oldest goes first); the account's turns hold the tenants with tasks waiting, scored by turn;
+the slots hold the tasks sent (scored by when, or by when a poll last found the task still
+queued at the provider). All are under the account's hash tag. Taking a slot pops the oldest
+task of the tenant whose turn it is, and sends that tenant behind the others: round robin,
+so a tenant that queues 1,000 tasks delays another's next task by one turn, not by 1,000. A
+tenant with nothing waiting joins at the current turn. One script does it all, so any
+number of dispatchers can run: a task is popped once, and the slots never outnumber the
+limit.
 
 A slot is released by the task's own final transition, not by whoever sent it: the holders are
 pruned by reading each one's status (a final or vanished task frees its slot). So a worker that
@@ -21,13 +26,41 @@ from redis.asyncio import Redis
 from receiver.core.constants import Keys
 from receiver.core.models import RANK_INFERRED_FAILURE, TaskStatus, now_ms
 
+# The tenants' queues are named from the turns (the prefix in ARGV): under the account's hash
+# tag, on the account's slot of a cluster.
 ACQUIRE = """
--- KEYS[1] queue, KEYS[2] slots; ARGV[1] limit, ARGV[2] now in ms
+-- KEYS[1] turns, KEYS[2] slots, KEYS[3] turn, KEYS[4] legacy queue
+-- ARGV[1] limit, ARGV[2] now in ms, ARGV[3] a tenant's queue key, less the tenant
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return false end
-local oldest = redis.call('ZPOPMIN', KEYS[1])
-if #oldest == 0 then return false end
-redis.call('ZADD', KEYS[2], ARGV[2], oldest[1])
-return oldest[1]
+local taken = redis.call('ZPOPMIN', KEYS[4])
+if #taken > 0 then
+  redis.call('ZADD', KEYS[2], ARGV[2], taken[1])
+  return taken[1]
+end
+while true do
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0)
+  if #first == 0 then return false end
+  local queue = ARGV[3] .. first[1]
+  taken = redis.call('ZPOPMIN', queue)
+  if #taken > 0 then
+    local turn = redis.call('INCR', KEYS[3])
+    if redis.call('ZCARD', queue) > 0 then
+      redis.call('ZADD', KEYS[1], turn, first[1])
+    else
+      redis.call('ZREM', KEYS[1], first[1])
+    end
+    redis.call('ZADD', KEYS[2], ARGV[2], taken[1])
+    return taken[1]
+  end
+  redis.call('ZREM', KEYS[1], first[1])  -- its queue emptied by a cancel
+end
+"""
+ENQUEUE = """
+-- KEYS[1] the tenant's queue, KEYS[2] turns, KEYS[3] turn, KEYS[4] slots
+-- ARGV[1] member, ARGV[2] its creation ms, ARGV[3] tenant, ARGV[4] '1': from the slots
+if ARGV[4] == '1' then redis.call('ZREM', KEYS[4], ARGV[1]) end
+redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[2], 'NX', tonumber(redis.call('GET', KEYS[3]) or '0'), ARGV[3])
 """
 
 _FINAL = {s.value.encode() for s in TaskStatus if s.terminal}
@@ -61,30 +94,43 @@ class Admission:
         # PUBLISH goes through one node (the async cluster client has no PUBLISH)
         self.publisher = publisher or redis
         self._acquire = redis.register_script(ACQUIRE)
+        self._enqueue_script = redis.register_script(ENQUEUE)
 
     async def enqueue(self, account: str, member: Member) -> None:
-        await self.redis.zadd(self.keys.queue(account), {str(member): member.created_ms},
-                              nx=True)
+        """Queue the task; its tenant takes a turn if it had none."""
+        await self._enqueue(account, member, from_slots=False)
         await self.publisher.publish(self.keys.admission_channel(), account)
 
     async def acquire(self, account: str, limit: int, now_ms: int) -> Member | None:
-        """The oldest waiting task, now holding a slot; None when the queue is empty or every
-        slot is taken."""
+        """The oldest waiting task of the tenant whose turn it is, now holding a slot; None
+        when nothing waits or every slot is taken."""
+        keys = self.keys
         popped = await self._acquire(
-            keys=[self.keys.queue(account), self.keys.slots(account)], args=[limit, now_ms])
+            keys=[keys.turns(account), keys.slots(account), keys.turn(account),
+                  keys.legacy_queue(account)],
+            args=[limit, now_ms, keys.queue(account, "")])
         return Member.parse(popped) if popped else None
 
     async def requeue(self, account: str, member: Member) -> None:
-        """Back to its place in the queue (the provider could not take it yet)."""
-        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: atomic
-            pipe.zrem(self.keys.slots(account), str(member))
-            pipe.zadd(self.keys.queue(account), {str(member): member.created_ms})
-            await pipe.execute()
+        """Back to its place in its tenant's queue (the provider could not take it yet)."""
+        await self._enqueue(account, member, from_slots=True)
+
+    async def _enqueue(self, account: str, member: Member, from_slots: bool) -> None:
+        keys = self.keys
+        await self._enqueue_script(
+            keys=[keys.queue(account, member.tenant), keys.turns(account), keys.turn(account),
+                  keys.slots(account)],
+            args=[str(member), member.created_ms, member.tenant, "1" if from_slots else "0"])
 
     async def withdraw(self, account: str, member: Member) -> bool:
         """Take a task out of the queue before any dispatcher pops it; False when it is no
-        longer there (being sent, or sent)."""
-        return bool(await self.redis.zrem(self.keys.queue(account), str(member)))
+        longer there (being sent, or sent). (A tenant left with nothing waiting loses its
+        turn at the next `acquire`.)"""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.keys.queue(account, member.tenant), str(member))
+            pipe.zrem(self.keys.legacy_queue(account), str(member))
+            removed = await pipe.execute()
+        return any(removed)
 
     async def release(self, account: str, member: Member) -> None:
         """Free the slot of a task the provider refused (it never reached its queue)."""
@@ -121,8 +167,22 @@ class Admission:
 
     async def depth(self, account: str) -> tuple[int, int]:
         """(tasks waiting, slots in use)."""
+        keys = self.keys
+        tenants = await self.redis.zrange(keys.turns(account), 0, -1)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(self.keys.queue(account))
-            pipe.zcard(self.keys.slots(account))
-            waiting, held = await pipe.execute()
-        return int(waiting), int(held)
+            pipe.zcard(keys.slots(account))
+            pipe.zcard(keys.legacy_queue(account))
+            for tenant in tenants:
+                pipe.zcard(keys.queue(account, tenant.decode()))
+            held, *waiting = await pipe.execute()
+        return sum(int(n) for n in waiting), int(held)
+
+    async def waiting(self, account: str) -> dict[str, int]:
+        """Tasks waiting for the account, by tenant, in the order of their turns."""
+        keys = self.keys
+        tenants = [t.decode() for t in await self.redis.zrange(keys.turns(account), 0, -1)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.zcard(keys.queue(account, tenant))
+            counts = await pipe.execute()
+        return {t: int(n) for t, n in zip(tenants, counts, strict=True) if n}

@@ -1,5 +1,6 @@
 """Admission against a real Redis: slots never outnumber the limit however many dispatchers
-race, every task is popped once and oldest first, and final tasks free their slots."""
+race, every task is popped once, a tenant's oldest first, tenants in turn, and final tasks
+free their slots."""
 
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ from receiver.store.admission import Admission, Member
 from tests.conftest import KEYS
 
 
-def member(i: int) -> Member:
-    return Member("acme", f"{1_700_000_000_000 + i:012x}{i:08x}")
+def member(i: int, tenant: str = "acme") -> Member:
+    return Member(tenant, f"{1_700_000_000_000 + i:012x}{i:08x}")
 
 
-async def race(url: str, tasks: int, limit: int, dispatchers: int, seed: int) -> list[int]:
+async def race(url: str, tasks: int, limit: int, dispatchers: int, seed: int,
+               tenants: int = 1) -> list[int]:
     """Dispatchers on their own connections take slots and finish tasks at random; returns
     the slots in use seen after every acquire."""
     clients = [Redis.from_url(url) for _ in range(dispatchers)]
     admissions = [Admission(c, KEYS) for c in clients]
-    for i in range(tasks):
-        await admissions[0].enqueue("acct", member(i))
+    queued = [member(i, f"t{i % tenants}") for i in range(tasks)]
+    for m in queued:
+        await admissions[0].enqueue("acct", m)
     rng = random.Random(seed)
     popped: list[Member] = []
     in_use: list[int] = []
@@ -35,7 +38,7 @@ async def race(url: str, tasks: int, limit: int, dispatchers: int, seed: int) ->
         while True:
             got = await admission.acquire("acct", limit, 0)
             if got is None:
-                if await admission.redis.zcard(KEYS.queue("acct")) == 0:
+                if (await admission.depth("acct"))[0] == 0:
                     return
                 await asyncio.sleep(0)
                 continue
@@ -49,16 +52,17 @@ async def race(url: str, tasks: int, limit: int, dispatchers: int, seed: int) ->
     finally:
         for c in clients:
             await c.aclose()
-    assert sorted(popped) == sorted(member(i) for i in range(tasks))  # each exactly once
+    assert sorted(popped) == sorted(queued)  # each exactly once
     return in_use
 
 
 @given(tasks=st.integers(1, 40), limit=st.integers(1, 6), dispatchers=st.integers(1, 4),
-       seed=st.integers(0, 2**16))
-def test_racing_dispatchers_never_exceed_the_limit(
-        redis_server: RedisServer, tasks: int, limit: int, dispatchers: int, seed: int) -> None:
+       seed=st.integers(0, 2**16), tenants=st.integers(1, 4))
+def test_racing_dispatchers_never_exceed_the_limit(redis_server: RedisServer, tasks: int,
+                                                   limit: int, dispatchers: int, seed: int,
+                                                   tenants: int) -> None:
     redis.Redis(port=redis_server.port).flushall()
-    in_use = asyncio.run(race(redis_server.url, tasks, limit, dispatchers, seed))
+    in_use = asyncio.run(race(redis_server.url, tasks, limit, dispatchers, seed, tenants))
     assert max(in_use) <= limit
 
 
@@ -75,6 +79,53 @@ def test_oldest_first_and_requeue_keeps_the_place(r: redis.Redis,
             return [await admission.acquire("acct", 5, 0) for _ in range(4)]
 
     assert asyncio.run(scenario()) == [member(1), member(2), member(3), None]
+
+
+def test_tenants_take_turns_a_small_one_is_not_queued_behind_a_large_one(
+        r: redis.Redis, redis_server: RedisServer) -> None:
+    """One account, limit 3: A queues 18, three are sent; then B queues 3. As slots free, B's
+    three go within the next few, not after A's other 15."""
+    async def scenario() -> tuple[list[str], dict[str, int]]:
+        async with Redis.from_url(redis_server.url) as client:
+            admission = Admission(client, KEYS)
+            for i in range(18):
+                await admission.enqueue("acct", member(i, "a"))
+            running = [await admission.acquire("acct", 3, 0) for _ in range(3)]
+            for i in range(100, 103):
+                await admission.enqueue("acct", member(i, "b"))
+            waiting = await admission.waiting("acct")
+            order: list[str] = []
+            while running:
+                done = running.pop(0)
+                assert done is not None
+                await admission.release("acct", done)  # a task ended: a slot is free
+                nxt = await admission.acquire("acct", 3, 0)
+                if nxt is not None:
+                    order.append(nxt.tenant)
+                    running.append(nxt)
+            return order, waiting
+
+    order, waiting = asyncio.run(scenario())  # "abababaaaaaaaaaaaa"
+    assert waiting == {"a": 15, "b": 3}
+    assert len(order) == 18 and order.count("b") == 3
+    assert max(i for i, t in enumerate(order) if t == "b") <= 5, order  # B's last by the 6th
+    assert order[:6].count("a") == 3  # and A not starved meanwhile
+
+
+def test_tasks_queued_before_per_tenant_queues_are_sent_first(
+        r: redis.Redis, redis_server: RedisServer) -> None:
+    """An upgrade strands no task: the one queue of before is drained first."""
+    old = member(1, "a")
+    r.zadd(KEYS.legacy_queue("acct"), {str(old): old.created_ms})
+
+    async def scenario() -> list[Member | None]:
+        async with Redis.from_url(redis_server.url) as client:
+            admission = Admission(client, KEYS)
+            await admission.enqueue("acct", member(2, "b"))
+            assert await admission.depth("acct") == (2, 0)
+            return [await admission.acquire("acct", 5, 0) for _ in range(3)]
+
+    assert asyncio.run(scenario()) == [old, member(2, "b"), None]
 
 
 def test_prune_frees_final_and_vanished_tasks_and_keeps_inferred_ones_watched(

@@ -63,7 +63,7 @@ def test_a_dead_dispatchers_slot_is_freed_by_the_timeout(
     receiver, simulator = stack(limit=1, task_timeout=1.0, embedded_worker=False)
     with receiver.client("key-acme") as acme:
         orphan = submit(acme, provider="ohmygpt", prompt="a lost fox")["id"]
-        assert r.zpopmin(KEYS.queue("ohmygpt"))
+        assert r.zpopmin(KEYS.queue("ohmygpt", "acme"))
         r.zadd(KEYS.slots("ohmygpt"), {str(Member("acme", orphan)): int(time.time() * 1000)})
         waiting = submit(acme, provider="ohmygpt", prompt="a waiting fox")["id"]
     port = free_port()  # a live worker on the same Redis
@@ -96,7 +96,7 @@ def test_an_unreachable_provider_keeps_the_task_queued_until_it_is_back(
             job = submit(acme, provider="mjproxy", prompt="a patient fox")["id"]
             time.sleep(1.5)  # tried, refused (connection refused), queued again
             assert acme.get(f"/tasks/{job}").json()["status"] == "NOT_START"
-            assert r.zscore(KEYS.queue("mjproxy"), str(Member("acme", job))) is not None
+            assert r.zscore(KEYS.queue("mjproxy", "acme"), str(Member("acme", job))) is not None
             simulator = LiveServer(app=create_simulator(SimulatorConfig(step_interval=0.02)),
                                    port=sim_port).start()
             assert wait_final(acme, job, timeout=40)["status"] == "SUCCESS"

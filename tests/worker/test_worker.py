@@ -123,7 +123,7 @@ def test_a_task_that_could_not_be_queued_does_not_wait_forever(
     stack: Stack, r: redis.Redis
 ) -> None:
     receiver, simulator = stack()
-    r.set(KEYS.queue("mjproxy"), "not a sorted set")  # ZADD fails there: a real Redis error
+    r.set(KEYS.queue("mjproxy", "acme"), "not a sorted set")  # ZADD fails there: a real Redis error
     with receiver.client("key-acme") as acme:
         response = acme.post("/tasks", json={"provider": "mjproxy", "prompt": "a fox"})
         assert response.status_code == 503 and set(response.json()) == {"error", "detail"}
