@@ -182,6 +182,8 @@ class Settings:
     trusted_proxies: tuple[str, ...] = setting(())
     # When set, GET /metrics wants "Authorization: Bearer <token>".
     metrics_token: Secret | None = setting(None)
+    # operators' keys: GET /admin/accounts (accounts, slots, queues by tenant)
+    admin_keys: tuple[Secret, ...] = setting((), env="RECEIVER_ADMIN_KEYS", parse=_secrets)
     # Origins whose pages may call the API from a browser (the dashboard needs none).
     cors_origins: tuple[str, ...] = setting(())
 

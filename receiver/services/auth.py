@@ -27,6 +27,14 @@ class MetricsTokenRequired(Unauthorized):
     code = "metrics_token_required"
 
 
+class AdminKeyRequired(Unauthorized):
+    code = "admin_key_required"
+
+
+class AdminDisabled(Forbidden):
+    code = "admin_disabled"
+
+
 def bearer(request: Request) -> str:
     """The ``Authorization: Bearer <token>`` token, or "" without one."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -61,3 +69,14 @@ def authenticate_metrics(request: Request) -> None:
     if token is not None and not hmac.compare_digest(bearer(request).encode(),
                                                      str(token).encode()):
         raise MetricsTokenRequired("send 'Authorization: Bearer <METRICS_TOKEN>'")
+
+
+def authenticate_admin(request: Request) -> None:
+    """An operator's route: one of RECEIVER_ADMIN_KEYS as a bearer token (every key compared
+    in constant time); none set, no admin routes."""
+    keys = services(request).settings.admin_keys
+    if not keys:
+        raise AdminDisabled("no RECEIVER_ADMIN_KEYS are set: the admin routes are off")
+    given = bearer(request).encode()
+    if not given or not any([hmac.compare_digest(given, str(key).encode()) for key in keys]):
+        raise AdminKeyRequired("send an admin key as 'Authorization: Bearer <key>'")

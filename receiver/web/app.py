@@ -25,7 +25,7 @@ from receiver.core.logs import install_redaction
 from receiver.core.settings import Settings
 from receiver.services.container import Services, services
 from receiver.services.http import JSONResponse
-from receiver.web import dashboard, health
+from receiver.web import admin, dashboard, health
 from receiver.web.fastpath import ExceptionHandler, FastPath
 from receiver.web.openapi import openapi_json
 from receiver.worker.runner import Worker
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *tasks.ROUTES,
             *live.ROUTES,
             *health.ROUTES,
+            *admin.ROUTES,
             Route("/openapi.json", openapi_json, methods=["GET"]),
             Route("/", dashboard.index, methods=["GET"]),
             Mount("/dashboard", app=dashboard.assets, name="dashboard"),

@@ -21,6 +21,7 @@ from receiver.ingest.docs import OPERATIONS as INGEST
 from receiver.live.docs import OPERATIONS as LIVE
 from receiver.services.http import JSONResponse
 from receiver.tasks.docs import OPERATIONS as TASKS
+from receiver.web.admin import OPERATIONS as ADMIN
 
 
 class _Status(Model):
@@ -66,7 +67,7 @@ WEB: dict[str, dict[str, Operation]] = {
             "type": "object", "required": ["openapi", "info", "paths"],
             "properties": {"openapi": {"type": "string", "const": "3.1.0"}}})})},
 }
-OPERATIONS = {**INGEST, **TASKS, **LIVE, **WEB}
+OPERATIONS = {**INGEST, **TASKS, **LIVE, **WEB, **ADMIN}
 
 
 def document(operations: dict[str, dict[str, Operation]]) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+"""GET /admin/accounts: operators see each account's slots and who waits, with an admin key
+only."""
+
+from __future__ import annotations
+
+import httpx
+from starlette.datastructures import Secret
+
+from tests.conftest import Stack, faults, submit
+
+
+def test_operators_see_slots_and_the_tenants_waiting_and_nobody_else_does(
+        stack: Stack) -> None:
+    receiver, simulator = stack(limit=1, admin_keys=(Secret("op-old"), Secret("op-new")))
+    faults(simulator, never_finish=True)  # the first task keeps the only slot
+    with receiver.client("key-acme") as acme, receiver.client("key-beta") as beta:
+        for _ in range(3):
+            submit(acme, provider="mjproxy", prompt="a fox")
+        submit(beta, provider="mjproxy", prompt="an owl")
+        assert acme.get("/admin/accounts").status_code == 401  # a tenant's key is not one
+    base = receiver.url
+    answer = httpx.get(f"{base}/admin/accounts", headers={"Authorization": "Bearer op-new"})
+    assert answer.status_code == 200
+    account = next(a for a in answer.json()["accounts"] if a["name"] == "mjproxy")
+    assert account["queue_limit"] == 1 and account["slots_in_use"] == 1
+    assert account["waiting"] == 3 and account["waiting_by_tenant"] == {"acme": 2, "beta": 1}
+    nobody = httpx.get(f"{base}/admin/accounts")
+    assert nobody.status_code == 401 and nobody.json()["error"] == "admin_key_required"
+
+
+def test_without_admin_keys_there_are_no_admin_routes(stack: Stack) -> None:
+    receiver, _ = stack()
+    answer = httpx.get(f"{receiver.url}/admin/accounts",
+                       headers={"Authorization": "Bearer anything"})
+    assert answer.status_code == 403 and answer.json()["error"] == "admin_disabled"
