@@ -1,0 +1,137 @@
+"""Admission: dispatch decisions per second, and how fair they are.
+
+Against a real redis-server: 1,000 tenants with tasks queued over 10 accounts; dispatchers
+(asyncio tasks on connections of their own, as workers would be) take a slot (the ACQUIRE
+script: the tenant whose turn it is, its oldest task) and free it at once, as if the provider
+answered at once. Then fairness: one account, a limit of 3, a large tenant queues 1,000 tasks
+and then a small one queues 10: at which positions of the sends that follow do the small
+tenant's go?
+
+    .venv/bin/python -m bench.admission [--runs 5] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from bench.ingest import ROOT, machine, write_markdown
+from receiver.cli.redis_server import RedisServer
+from receiver.core.constants import Keys
+from receiver.store.admission import Admission, Member
+
+KEYS = Keys()
+ACCOUNTS, TENANTS, PER_TENANT, LIMIT, DISPATCHERS = 10, 1000, 5, 50, 8
+
+
+def member(tenant: str, n: int) -> Member:
+    return Member(tenant, f"{1_700_000_000_000 + n:012x}{n:08x}")
+
+
+async def decisions(url: str) -> float:
+    """Decisions (a slot taken and freed) per second, until every queue is empty."""
+    setup = Redis.from_url(url)
+    await setup.flushall()
+    admission = Admission(setup, KEYS)
+    n = 0
+    for t in range(TENANTS):
+        for _ in range(PER_TENANT):
+            await admission.enqueue(f"acct{t % ACCOUNTS}", member(f"tenant{t}", n))
+            n += 1
+    clients = [Redis.from_url(url) for _ in range(DISPATCHERS)]
+    done = 0
+
+    async def dispatcher(k: int) -> None:
+        nonlocal done
+        mine = Admission(clients[k], KEYS)
+        empty = 0
+        account = k
+        while empty < ACCOUNTS:
+            name = f"acct{account % ACCOUNTS}"
+            account += 1
+            got = await mine.acquire(name, LIMIT, 0)
+            if got is None:
+                empty += 1
+                continue
+            empty = 0
+            await mine.release(name, got)
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(dispatcher(k) for k in range(DISPATCHERS)))
+    elapsed = time.perf_counter() - started
+    for client in (setup, *clients):
+        await client.aclose()
+    assert done == n, (done, n)
+    return done / elapsed
+
+
+async def fairness(url: str) -> list[int]:
+    """The 1-based positions, among the sends after it queued, of the small tenant's tasks."""
+    client = Redis.from_url(url)
+    await client.flushall()
+    admission = Admission(client, KEYS)
+    for n in range(1000):
+        await admission.enqueue("acct", member("large", n))
+    running = [await admission.acquire("acct", 3, 0) for _ in range(3)]
+    for n in range(1000, 1010):
+        await admission.enqueue("acct", member("small", n))
+    sent: list[str] = []
+    while running:
+        finished = running.pop(0)
+        assert finished is not None
+        await admission.release("acct", finished)
+        nxt = await admission.acquire("acct", 3, 0)
+        if nxt is not None:
+            sent.append(nxt.tenant)
+            running.append(nxt)
+    await client.aclose()
+    return [i + 1 for i, tenant in enumerate(sent) if tenant == "small"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.admission", description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp) / "redis", persist=False).start()
+        try:
+            rates = []
+            for run in range(args.runs):
+                rates.append(asyncio.run(decisions(server.url)))
+                print(f"run {run + 1}: {rates[-1]:,.0f} decisions/s", flush=True)
+            positions = asyncio.run(fairness(server.url))
+        finally:
+            server.stop()
+    lines = [
+        "## bench/admission",
+        "",
+        f"Dispatch decisions (ACQUIRE: the tenant whose turn it is, its oldest task, a slot; "
+        f"then the slot freed) against one redis-server: {TENANTS:,} tenants with "
+        f"{PER_TENANT} tasks each queued over {ACCOUNTS} accounts (limit {LIMIT}), "
+        f"{DISPATCHERS} dispatchers on connections of their own, until every queue is "
+        f"empty. `.venv/bin/python -m bench.admission` regenerates this section.",
+        "",
+        f"- machine: {machine()}",
+        f"- **median {statistics.median(rates):,.0f} decisions/s**; every run: "
+        + ", ".join(f"{r:,.0f}" for r in rates),
+        "- fairness: one account at a limit of 3, a tenant queues 1,000 tasks, then another "
+        f"queues 10; the small tenant's tasks go at sends {', '.join(map(str, positions))} of "
+        "those that follow (first come, first served: 998 to 1,007)",
+        "",
+    ]
+    print("\n".join(lines))
+    if not args.no_write:
+        write_markdown("\n".join(lines), ROOT / "BENCHMARKS.md", "## bench/admission")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
