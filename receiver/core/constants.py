@@ -113,6 +113,10 @@ class Keys:
         """String: the account's turn counter (one more at every task sent)."""
         return f"{self.prefix}:turn:{{acct:{account}}}"
 
+    def in_flight(self, account: str) -> str:
+        """Hash: tenant -> the account's slots it holds (for ``TENANT_MAX_IN_FLIGHT``)."""
+        return f"{self.prefix}:inflight:{{acct:{account}}}"
+
     def legacy_queue(self, account: str) -> str:
         """Sorted set: the one queue of every tenant, before queues were per tenant; still
         drained first, so that an upgrade strands no queued task."""

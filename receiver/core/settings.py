@@ -175,6 +175,8 @@ class Settings:
     # What one tenant may keep in the shared Redis (0: no limit): tasks created, and bytes
     # written (snapshots, histories, raw payloads), within the last TASK_TTL.
     tenant_max_tasks: int = setting(100_000)
+    # the slots of one provider account a tenant may hold at once (0: as many as are free)
+    tenant_max_in_flight: int = setting(0)
     tenant_max_bytes: int = setting(1024 * 1024 * 1024)
     # Host names a request may use to form callback URLs when PUBLIC_BASE_URL is unset; the
     # proxies whose X-Forwarded-For and -Proto are believed (uvicorn's forwarded_allow_ips).

@@ -89,7 +89,7 @@ class Services:
             submit_limiter=RateLimiter(settings.submit_rate, settings.submit_burst),
             mint_limiter=RateLimiter(settings.mint_rate, settings.mint_burst),
             claims=ClaimRegistry(batcher, store.keys, settings),
-            admission=Admission(redis, store.keys, pubsub),
+            admission=Admission(redis, store.keys, pubsub, settings.tenant_max_in_flight),
             prices=PriceTable.load(settings.prices_file),
             clients={name: client(account) for name, account in settings.accounts.items()},
             metrics=metrics,

@@ -7,9 +7,10 @@ the slots hold the tasks sent (scored by when, or by when a poll last found the 
 queued at the provider). All are under the account's hash tag. Taking a slot pops the oldest
 task of the tenant whose turn it is, and sends that tenant behind the others: round robin,
 so a tenant that queues 1,000 tasks delays another's next task by one turn, not by 1,000. A
-tenant with nothing waiting joins at the current turn. One script does it all, so any
-number of dispatchers can run: a task is popped once, and the slots never outnumber the
-limit.
+tenant with nothing waiting joins at the current turn; with ``TENANT_MAX_IN_FLIGHT``, a
+tenant holding that many of the account's slots waits, keeping its turn. One script does it
+all, so any number of dispatchers can run: a task is popped once, and the slots never
+outnumber the limit.
 
 A slot is released by the task's own final transition, not by whoever sent it: the holders are
 pruned by reading each one's status (a final or vanished task frees its slot). So a worker that
@@ -29,36 +30,58 @@ from receiver.core.models import RANK_INFERRED_FAILURE, TaskStatus, now_ms
 # The tenants' queues are named from the turns (the prefix in ARGV): under the account's hash
 # tag, on the account's slot of a cluster.
 ACQUIRE = """
--- KEYS[1] turns, KEYS[2] slots, KEYS[3] turn, KEYS[4] legacy queue
--- ARGV[1] limit, ARGV[2] now in ms, ARGV[3] a tenant's queue key, less the tenant
+-- KEYS[1] turns, KEYS[2] slots, KEYS[3] turn, KEYS[4] legacy queue, KEYS[5] in flight
+-- ARGV[1] limit, ARGV[2] now in ms, ARGV[3] a tenant's queue key less the tenant,
+-- ARGV[4] the slots one tenant may hold (0: no cap)
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return false end
-local taken = redis.call('ZPOPMIN', KEYS[4])
-if #taken > 0 then
-  redis.call('ZADD', KEYS[2], ARGV[2], taken[1])
-  return taken[1]
+local function take(member)
+  redis.call('ZADD', KEYS[2], ARGV[2], member)
+  redis.call('HINCRBY', KEYS[5], string.match(member, '^(.*)/'), 1)
+  return member
 end
+local taken = redis.call('ZPOPMIN', KEYS[4])
+if #taken > 0 then return take(taken[1]) end
+local cap, i = tonumber(ARGV[4]), 0
 while true do
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0)
+  local first = redis.call('ZRANGE', KEYS[1], i, i)
   if #first == 0 then return false end
-  local queue = ARGV[3] .. first[1]
-  taken = redis.call('ZPOPMIN', queue)
-  if #taken > 0 then
-    local turn = redis.call('INCR', KEYS[3])
-    if redis.call('ZCARD', queue) > 0 then
-      redis.call('ZADD', KEYS[1], turn, first[1])
-    else
-      redis.call('ZREM', KEYS[1], first[1])
+  local tenant = first[1]
+  if cap > 0 and (tonumber(redis.call('HGET', KEYS[5], tenant)) or 0) >= cap then
+    i = i + 1  -- at its cap: it keeps its turn for when a slot of its own frees
+  else
+    local queue = ARGV[3] .. tenant
+    taken = redis.call('ZPOPMIN', queue)
+    if #taken > 0 then
+      local turn = redis.call('INCR', KEYS[3])
+      if redis.call('ZCARD', queue) > 0 then
+        redis.call('ZADD', KEYS[1], turn, tenant)
+      else
+        redis.call('ZREM', KEYS[1], tenant)
+      end
+      return take(taken[1])
     end
-    redis.call('ZADD', KEYS[2], ARGV[2], taken[1])
-    return taken[1]
+    redis.call('ZREM', KEYS[1], tenant)  -- its queue emptied by a cancel
   end
-  redis.call('ZREM', KEYS[1], first[1])  -- its queue emptied by a cancel
+end
+"""
+# Slots freed: each member still holding one gives it back, and its tenant's count with it.
+FREE = """
+-- KEYS[1] slots, KEYS[2] in flight; ARGV: members
+for _, member in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    local tenant = string.match(member, '^(.*)/')
+    if redis.call('HINCRBY', KEYS[2], tenant, -1) <= 0 then
+      redis.call('HDEL', KEYS[2], tenant)
+    end
+  end
 end
 """
 ENQUEUE = """
--- KEYS[1] the tenant's queue, KEYS[2] turns, KEYS[3] turn, KEYS[4] slots
--- ARGV[1] member, ARGV[2] its creation ms, ARGV[3] tenant, ARGV[4] '1': from the slots
-if ARGV[4] == '1' then redis.call('ZREM', KEYS[4], ARGV[1]) end
+-- KEYS[1] the tenant's queue, KEYS[2] turns, KEYS[3] turn, KEYS[4] slots, KEYS[5] in flight
+-- ARGV[1] member, ARGV[2] its creation ms, ARGV[3] tenant, ARGV[4] '1': back from the slots
+if ARGV[4] == '1' and redis.call('ZREM', KEYS[4], ARGV[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[5], ARGV[3], -1) <= 0 then redis.call('HDEL', KEYS[5], ARGV[3]) end
+end
 redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[2], 'NX', tonumber(redis.call('GET', KEYS[3]) or '0'), ARGV[3])
 """
@@ -88,13 +111,16 @@ class Member(NamedTuple):
 
 
 class Admission:
-    def __init__(self, redis: Redis, keys: Keys, publisher: Redis | None = None) -> None:
+    def __init__(self, redis: Redis, keys: Keys, publisher: Redis | None = None,
+                 tenant_cap: int = 0) -> None:
         self.redis = redis
         self.keys = keys
+        self.tenant_cap = tenant_cap  # the slots of an account one tenant may hold (0: any)
         # PUBLISH goes through one node (the async cluster client has no PUBLISH)
         self.publisher = publisher or redis
         self._acquire = redis.register_script(ACQUIRE)
         self._enqueue_script = redis.register_script(ENQUEUE)
+        self._free = redis.register_script(FREE)
 
     async def enqueue(self, account: str, member: Member) -> None:
         """Queue the task; its tenant takes a turn if it had none."""
@@ -102,13 +128,13 @@ class Admission:
         await self.publisher.publish(self.keys.admission_channel(), account)
 
     async def acquire(self, account: str, limit: int, now_ms: int) -> Member | None:
-        """The oldest waiting task of the tenant whose turn it is, now holding a slot; None
-        when nothing waits or every slot is taken."""
+        """The oldest waiting task of the tenant whose turn it is (and not at its cap), now
+        holding a slot; None when nothing waits or every slot is taken."""
         keys = self.keys
         popped = await self._acquire(
             keys=[keys.turns(account), keys.slots(account), keys.turn(account),
-                  keys.legacy_queue(account)],
-            args=[limit, now_ms, keys.queue(account, "")])
+                  keys.legacy_queue(account), keys.in_flight(account)],
+            args=[limit, now_ms, keys.queue(account, ""), self.tenant_cap])
         return Member.parse(popped) if popped else None
 
     async def requeue(self, account: str, member: Member) -> None:
@@ -119,7 +145,7 @@ class Admission:
         keys = self.keys
         await self._enqueue_script(
             keys=[keys.queue(account, member.tenant), keys.turns(account), keys.turn(account),
-                  keys.slots(account)],
+                  keys.slots(account), keys.in_flight(account)],
             args=[str(member), member.created_ms, member.tenant, "1" if from_slots else "0"])
 
     async def withdraw(self, account: str, member: Member) -> bool:
@@ -134,7 +160,11 @@ class Admission:
 
     async def release(self, account: str, member: Member) -> None:
         """Free the slot of a task the provider refused (it never reached its queue)."""
-        await self.redis.zrem(self.keys.slots(account), str(member))
+        await self._free_slots(account, [str(member)])
+
+    async def _free_slots(self, account: str, members: list[str]) -> None:
+        await self._free(keys=[self.keys.slots(account), self.keys.in_flight(account)],
+                         args=members)
 
     async def holders(self, account: str) -> list[tuple[Member, int]]:
         """Tasks holding a slot, with when they were sent or last found queued (ms)."""
@@ -158,11 +188,9 @@ class Admission:
                 if rank is not None and int(rank) == RANK_INFERRED_FAILURE:
                     inferred[str(member)] = now_ms()  # when it left the slots
         if done:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                if inferred:
-                    pipe.zadd(self.keys.inferred(account), inferred)
-                pipe.zrem(self.keys.slots(account), *done)
-                await pipe.execute()
+            if inferred:  # watched first: a crash between the two leaves the slot held
+                await self.redis.zadd(self.keys.inferred(account), inferred)
+            await self._free_slots(account, done)
         return len(held) - len(done)
 
     async def depth(self, account: str) -> tuple[int, int]:

@@ -22,11 +22,11 @@ def member(i: int, tenant: str = "acme") -> Member:
 
 
 async def race(url: str, tasks: int, limit: int, dispatchers: int, seed: int,
-               tenants: int = 1) -> list[int]:
+               tenants: int = 1, cap: int = 0) -> list[int]:
     """Dispatchers on their own connections take slots and finish tasks at random; returns
     the slots in use seen after every acquire."""
     clients = [Redis.from_url(url) for _ in range(dispatchers)]
-    admissions = [Admission(c, KEYS) for c in clients]
+    admissions = [Admission(c, KEYS, tenant_cap=cap) for c in clients]
     queued = [member(i, f"t{i % tenants}") for i in range(tasks)]
     for m in queued:
         await admissions[0].enqueue("acct", m)
@@ -44,6 +44,9 @@ async def race(url: str, tasks: int, limit: int, dispatchers: int, seed: int,
                 continue
             popped.append(got)
             in_use.append(await admission.redis.zcard(KEYS.slots("acct")))
+            if cap:
+                held = await admission.redis.hget(KEYS.in_flight("acct"), got.tenant)
+                assert int(held) <= cap
             await asyncio.sleep(rng.random() / 1000)
             await admission.release("acct", got)  # the task ended
 
@@ -57,12 +60,14 @@ async def race(url: str, tasks: int, limit: int, dispatchers: int, seed: int,
 
 
 @given(tasks=st.integers(1, 40), limit=st.integers(1, 6), dispatchers=st.integers(1, 4),
-       seed=st.integers(0, 2**16), tenants=st.integers(1, 4))
+       seed=st.integers(0, 2**16), tenants=st.integers(1, 4), cap=st.integers(0, 3))
 def test_racing_dispatchers_never_exceed_the_limit(redis_server: RedisServer, tasks: int,
                                                    limit: int, dispatchers: int, seed: int,
-                                                   tenants: int) -> None:
+                                                   tenants: int, cap: int) -> None:
+    """Nor any tenant its cap (TENANT_MAX_IN_FLIGHT), and every task is sent once."""
     redis.Redis(port=redis_server.port).flushall()
-    in_use = asyncio.run(race(redis_server.url, tasks, limit, dispatchers, seed, tenants))
+    in_use = asyncio.run(race(redis_server.url, tasks, limit, dispatchers, seed, tenants,
+                              cap))
     assert max(in_use) <= limit
 
 
@@ -144,3 +149,31 @@ def test_prune_frees_final_and_vanished_tasks_and_keeps_inferred_ones_watched(
     assert asyncio.run(prune()) == 1
     assert r.zrange(KEYS.slots("acct"), 0, -1) == [str(member(0)).encode()]
     assert r.zrange(KEYS.inferred("acct"), 0, -1) == [str(member(2)).encode()]
+
+
+def test_a_tenant_at_its_cap_waits_and_keeps_its_turn(
+        r: redis.Redis, redis_server: RedisServer) -> None:
+    """TENANT_MAX_IN_FLIGHT=2 at an account of 5 slots: no tenant holds more than 2, even
+    with slots free; when one of A's frees, A goes next."""
+    async def scenario() -> list[str]:
+        async with Redis.from_url(redis_server.url) as client:
+            admission = Admission(client, KEYS, tenant_cap=2)
+            for i in range(6):
+                await admission.enqueue("acct", member(i, "a"))
+            taken = [await admission.acquire("acct", 5, 0) for _ in range(3)]
+            assert [m.tenant if m else None for m in taken] == ["a", "a", None]
+            for i in range(10, 13):
+                await admission.enqueue("acct", member(i, "b"))
+            more = [await admission.acquire("acct", 5, 0) for _ in range(4)]
+            assert [m.tenant if m else None for m in more] == ["b", "b", None, None]
+            assert r.hgetall(KEYS.in_flight("acct")) == {b"a": b"2", b"b": b"2"}
+            assert r.zcard(KEYS.slots("acct")) == 4  # one free, and nobody may take it
+            first = taken[0]
+            assert first is not None
+            await admission.release("acct", first)
+            await admission.requeue("acct", more[0])  # type: ignore[arg-type]
+            after = [await admission.acquire("acct", 5, 0) for _ in range(3)]
+            return [m.tenant if m else "-" for m in after]
+
+    assert asyncio.run(scenario()) == ["a", "b", "-"]  # A's turn first, then B's requeued one
+    assert r.hgetall(KEYS.in_flight("acct")) == {b"a": b"2", b"b": b"2"}
