@@ -113,6 +113,11 @@ class Keys:
         """String: the account's turn counter (one more at every task sent)."""
         return f"{self.prefix}:turn:{{acct:{account}}}"
 
+    def health(self, account: str) -> str:
+        """Hash: what the dispatchers saw of the account: ``sent`` (tasks the provider
+        accepted), ``paused_until`` (ms), ``last_error`` and ``last_error_at``."""
+        return f"{self.prefix}:health:{{acct:{account}}}"
+
     def in_flight(self, account: str) -> str:
         """Hash: tenant -> the account's slots it holds (for ``TENANT_MAX_IN_FLIGHT``)."""
         return f"{self.prefix}:inflight:{{acct:{account}}}"

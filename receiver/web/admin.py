@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Literal
+
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver.core.docs import UNAVAILABLE, Operation, error, ok
+from receiver.core.models import iso, now_ms
 from receiver.core.schema import Model
 from receiver.services.auth import authenticate_admin
 from receiver.services.container import services
@@ -23,6 +27,13 @@ class AccountState(Model):
     waiting: int = Field(ge=0, description="tasks queued for a slot")
     waiting_by_tenant: dict[str, int] = Field(
         description="the tasks waiting, by tenant, in the order the tenants take turns")
+    health: Literal["ok", "paused"] = Field(
+        description="paused: the provider refused or could not take a task (full, busy, "
+                    "our key refused); the account's tasks wait, 1 s doubling to 30 s")
+    paused_until: str | None = Field(description="ISO 8601, UTC")
+    last_error: str | None = Field(description="the provider's last refusal: code: detail")
+    last_error_at: str | None
+    tasks_sent: int = Field(ge=0, description="tasks the provider accepted")
 
 
 class Accounts(Model):
@@ -36,17 +47,27 @@ async def accounts(request: Request) -> Response:
     out = []
     for name, account in svc.settings.accounts.items():
         waiting, held = await svc.admission.depth(name)
+        health = {k.decode(): v.decode() for k, v in (await svc.redis.hgetall(  # type: ignore[misc]
+            svc.store.keys.health(name))).items()}
+        until = int(health.get("paused_until", 0))
+        paused = iso(datetime.fromtimestamp(until / 1000, UTC)) if until else None
         out.append({"name": name, "provider": account.provider,
                     "flavor": account.flavor if account.provider == "mjproxy" else None,
                     "queue_limit": account.queue_limit, "slots_in_use": held,
-                    "waiting": waiting, "waiting_by_tenant": await svc.admission.waiting(name)})
+                    "waiting": waiting, "waiting_by_tenant": await svc.admission.waiting(name),
+                    "health": "paused" if until > now_ms() else "ok",
+                    "paused_until": paused,
+                    "last_error": health.get("last_error"),
+                    "last_error_at": health.get("last_error_at"),
+                    "tasks_sent": int(health.get("sent", 0))})
     return JSONResponse({"accounts": out})
 
 
 ROUTES = [Route("/admin/accounts", accounts, methods=["GET"])]
 OPERATIONS: dict[str, dict[str, Operation]] = {
     "/admin/accounts": {"get": Operation(
-        "The provider accounts: limits, slots in use, tasks waiting by tenant", tenant=False,
+        "The provider accounts: limits, slots in use, tasks waiting by tenant, health",
+        tenant=False,
         responses={
             200: ok("Every configured account", Accounts),
             401: error("admin_key_required: no admin key, or not one of RECEIVER_ADMIN_KEYS"),

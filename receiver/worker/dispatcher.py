@@ -152,6 +152,8 @@ class Dispatcher:
                 return
             metrics.submissions.labels(account.provider, "accepted").inc()
             self._delay[account.name] = 0.0
+            await svc.redis.hincrby(svc.store.keys.health(account.name),  # type: ignore[misc]
+                                    "sent", 1)
             if provider_task_id:  # ours, whoever claimed the id before (see `claims`)
                 await svc.claims.take(claims, provider_task_id)
             await svc.store.submitted(claims, Update(
@@ -181,15 +183,21 @@ class Dispatcher:
                 log.error("%s: the provider refused our key (%s): the account pauses and its "
                           "tasks wait; fix %s_API_KEY", account.name, exc.detail,
                           account.provider.upper())
-            self._back_off(account, exc)
+            delay = self._back_off(account, exc)
             await svc.admission.requeue(account.name, member)
+            await svc.redis.hset(  # type: ignore[misc]  # what operators see (/admin/accounts)
+                svc.store.keys.health(account.name), mapping={
+                    "paused_until": now_ms() + int(delay * 1000), "last_error_at": now_iso(),
+                    "last_error": f"{exc.code}: {exc.detail}"[:300]})
             return
         metrics.submissions.labels(account.provider, "refused").inc()
         await svc.store.apply(claims, Update(
             TaskStatus.FAILURE, fail_reason=f"{exc.code}: {exc.detail}"))
         await svc.admission.release(account.name, member)
 
-    def _back_off(self, account: ProviderAccount, exc: ProviderError) -> None:
+    def _back_off(self, account: ProviderAccount, exc: ProviderError) -> float:
+        """Pause the account (1 s, doubling to MAX_PAUSE); the pause's length."""
         delay = self._delay[account.name] = min(MAX_PAUSE, self._delay[account.name] * 2 or 1)
         self._pause[account.name] = time.monotonic() + delay
         log.info("%s: %s; pausing %.0f s", account.name, exc.detail, delay)
+        return delay

@@ -3,10 +3,12 @@ only."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 from starlette.datastructures import Secret
 
-from tests.conftest import Stack, faults, submit
+from tests.conftest import Stack, faults, submit, wait_final
 
 
 def test_operators_see_slots_and_the_tenants_waiting_and_nobody_else_does(
@@ -33,3 +35,28 @@ def test_without_admin_keys_there_are_no_admin_routes(stack: Stack) -> None:
     answer = httpx.get(f"{receiver.url}/admin/accounts",
                        headers={"Authorization": "Bearer anything"})
     assert answer.status_code == 403 and answer.json()["error"] == "admin_disabled"
+
+
+def test_a_paused_account_shows_why_and_recovers(stack: Stack) -> None:
+    receiver, simulator = stack(admin_keys=(Secret("op"),))
+    admin = {"Authorization": "Bearer op"}
+    faults(simulator, queue_full=True)  # every submission refused: the account pauses
+    with receiver.client("key-acme") as acme:
+        job = submit(acme, provider="aigc2d", prompt="a fox")["id"]
+        deadline = time.monotonic() + 10
+        while True:
+            state = next(a for a in httpx.get(f"{receiver.url}/admin/accounts",
+                                              headers=admin).json()["accounts"]
+                         if a["name"] == "aigc2d")
+            if state["health"] == "paused":
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        assert state["last_error"].startswith("provider_queue_full")
+        assert state["paused_until"] and state["tasks_sent"] == 0
+        faults(simulator, queue_full=False)
+        assert wait_final(acme, job)["status"] == "SUCCESS"
+    state = next(a for a in httpx.get(f"{receiver.url}/admin/accounts",
+                                      headers=admin).json()["accounts"]
+                 if a["name"] == "aigc2d")
+    assert state["tasks_sent"] == 1 and state["health"] == "ok" and state["waiting"] == 0
