@@ -13,6 +13,7 @@ import orjson
 import pytest
 import redis
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from starlette.datastructures import Secret
 
 from receiver.simulator import SimulatorConfig
 from tests.conftest import (
@@ -218,3 +219,22 @@ def test_chromiums_eventsource_gets_every_event_at_once(
     assert all(m[2] for m in got), "a message with empty data"
     assert got[-1][3] - stored_at < 1000
     assert page.evaluate("[window.opens, window.errors]") == [1, 0]
+
+
+def test_an_operator_sees_the_accounts_and_who_waits_live(stack: Stack, page: Page) -> None:
+    receiver, simulator = stack(limit=1, admin_keys=(Secret("op-key"),))
+    httpx.post(f"{simulator.url}/_sim/faults", json={"never_finish": True}).raise_for_status()
+    with receiver.client("key-acme") as acme, receiver.client("key-beta") as beta:
+        for _ in range(3):
+            submit(acme, provider="mjproxy", prompt="a fox")
+        submit(beta, provider="mjproxy", prompt="an owl")
+        page.goto(receiver.url)
+        page.get_by_label("API key").fill("op-key")
+        page.get_by_role("button", name="Sign in").click()
+        row = page.locator('#accounts tr[data-account="mjproxy"]')
+        expect(row.locator("td").nth(1)).to_have_text("1 / 1")
+        expect(row.locator("td").nth(2)).to_have_text("3")
+        expect(row.locator("td").nth(3)).to_have_text("acme 2, beta 1")
+        submit(beta, provider="mjproxy", prompt="another owl")  # seen without a reload
+        expect(row.locator("td").nth(3)).to_have_text("acme 2, beta 2", timeout=10_000)
+    expect(page.locator("#app")).to_be_hidden()  # no tenant's tasks on an operator's page

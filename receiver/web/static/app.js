@@ -74,6 +74,7 @@ $("login-form").addEventListener("submit", async (event) => {
   try {
     await freshToken();
   } catch (error) {
+    if (error.status === 401 && await operator()) return;  // an admin key, not a tenant's
     state.key = null;
     const text = error.status === 401 ? "That key was not accepted." : error.message;
     $("login").querySelector(".hint").textContent = text;
@@ -82,6 +83,51 @@ $("login-form").addEventListener("submit", async (event) => {
   $("login").hidden = true;
   await start();
 });
+
+// --- operators (RECEIVER_ADMIN_KEYS): the accounts, refreshed ------------------------------
+
+const ACCOUNTS_EVERY_MS = 2000;
+
+async function operator() {
+  try {
+    showAccounts(await api("/admin/accounts"));
+  } catch {
+    return false;
+  }
+  $("login").hidden = true;
+  $("operator").hidden = false;
+  setConnection("live");
+  setInterval(async () => {
+    try {
+      showAccounts(await api("/admin/accounts"));
+      setConnection("live");
+    } catch {
+      setConnection("reconnecting");
+    }
+  }, ACCOUNTS_EVERY_MS);
+  return true;
+}
+
+function showAccounts(answer) {
+  const body = $("accounts").querySelector("tbody");
+  body.replaceChildren(...answer.accounts.map((account) => {
+    const row = document.createElement("tr");
+    row.dataset.account = account.name;
+    row.dataset.health = account.health;
+    const waiting = Object.entries(account.waiting_by_tenant)
+      .map(([tenant, count]) => `${tenant} ${count}`).join(", ") || "none";
+    const health = account.health === "paused"
+      ? `paused until ${account.paused_until.slice(11, 19)}: ${account.last_error}`
+      : "ok";
+    for (const text of [account.name, `${account.slots_in_use} / ${account.queue_limit}`,
+      String(account.waiting), waiting, health, String(account.tasks_sent)]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;  // text only: nothing an account's data holds is markup
+      row.append(cell);
+    }
+    return row;
+  }));
+}
 
 async function start() {
   $("app").hidden = false;
