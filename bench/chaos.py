@@ -168,9 +168,16 @@ async def run(work: Path, tasks: int = 500, steps: int = 20, time_limit: float =
                 answer = await client.post("/callback-urls", json={"provider": "mjproxy"})
                 minted.append(answer.json())
             gate = asyncio.Semaphore(CONCURRENCY)
+            plan = ((0.2, "redis"), (0.45, "web"), (0.7, "redis"))
+            # A fault's share reached, the senders wait for it: the run cannot end before
+            # every fault happened (it once did, when the rest went through during a restart).
+            injected = [asyncio.Event() for _ in plan]
 
             async def sender(job: dict[str, str]) -> None:
                 for step in range(steps):
+                    for (share, _), done in zip(plan, injected, strict=True):
+                        if len(acked) >= share * report.callbacks and not done.is_set():
+                            await done.wait()
                     payload = body(f"p-{job['job_id']}", step, steps)
                     async with gate:
                         ok = await deliver(client, job["callback_url"], payload, report,
@@ -181,19 +188,23 @@ async def run(work: Path, tasks: int = 500, steps: int = 20, time_limit: float =
                     acked.add((job["job_id"], step))
 
             async def chaos() -> None:
-                plan = ((0.2, "redis"), (0.45, "web"), (0.7, "redis"))
-                for share, target in plan:
-                    while len(acked) < share * report.callbacks:
-                        await asyncio.sleep(0.01)
-                    at = len(acked)
-                    if target == "redis":
-                        await asyncio.to_thread(store.stop, True)  # SIGKILL
-                        await asyncio.sleep(1.0)
-                        await asyncio.to_thread(store.start)
-                    else:
-                        await asyncio.to_thread(web.kill)
-                        await asyncio.to_thread(web.start)
-                    report.faults.append(f"SIGKILL {target} after {at:,} acknowledged")
+                try:
+                    for (share, target), done in zip(plan, injected, strict=True):
+                        while len(acked) < share * report.callbacks:
+                            await asyncio.sleep(0.01)
+                        at = len(acked)
+                        if target == "redis":
+                            await asyncio.to_thread(store.stop, True)  # SIGKILL
+                            await asyncio.sleep(1.0)
+                            await asyncio.to_thread(store.start)
+                        else:
+                            await asyncio.to_thread(web.kill)
+                            await asyncio.to_thread(web.start)
+                        report.faults.append(f"SIGKILL {target} after {at:,} acknowledged")
+                        done.set()
+                finally:  # a fault that failed must not leave the senders waiting
+                    for done in injected:
+                        done.set()
 
             faults = asyncio.create_task(chaos())
             await asyncio.gather(*(sender(job) for job in minted))
