@@ -180,7 +180,7 @@ def serve(args: argparse.Namespace) -> int:
         settings = Settings.from_env(env_config({**os.environ, **decided}))
         print(f"receiver: dashboard on http://{host}:{port}/ (health: /healthz, API: "
               "/openapi.json)", flush=True)
-        serve_web(settings, workers=args.workers, access_log=not args.no_access_log)
+        started = serve_web(settings, workers=args.workers, access_log=not args.no_access_log)
     finally:
         try:
             if embedded is not None:
@@ -188,7 +188,7 @@ def serve(args: argparse.Namespace) -> int:
         finally:
             if simulator is not None:
                 stop(simulator)
-    return 0
+    return 0 if started else 3  # as uvicorn: a startup that failed (Redis unreachable, ...)
 
 
 def worker() -> int:

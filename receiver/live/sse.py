@@ -221,15 +221,15 @@ async def _history(
             if latest is not None:
                 yield Event.from_json(latest[1][b"data"])
         return
-    if await _older_than_retained(svc, stream, last):
-        async for event in _snapshots(svc, tenant, task_id):
-            yield event
-        return
-    if task_id is not None:  # a finished task's history is compacted: read both parts
+    if task_id is not None:  # both parts of a compacted history: what the task stored
         after = event_key(last)
         for entry_id, fields in await history.read(redis, keys, tenant, task_id):
             if event_key(entry_id.decode()) > after:
                 yield Event.from_json(fields[b"data"])
+        return
+    if await _older_than_retained(svc, stream, last):
+        async for event in _snapshots(svc, tenant, task_id):
+            yield event
         return
     lower = f"({last}"
     while entries := await redis.xrange(stream, min=lower, count=_CHUNK):
@@ -264,10 +264,10 @@ async def _snapshots(svc: Services, tenant: str, task_id: str | None) -> AsyncIt
     pipe = redis.pipeline(transaction=False)
     for job in jobs:  # the stream's last entry, then the compacted part (`history.merge`)
         pipe.xrevrange(keys.history(tenant, job), count=1)
-        pipe.hget(keys.task(tenant, job), "h")
+        pipe.hmget(keys.task(tenant, job), ["h", "hl"])
     replies = await pipe.execute()
-    newest = [history.newest(blob, tail) for tail, blob in zip(replies[::2], replies[1::2],
-                                                                strict=True)]
+    newest = [history.newest(blob, held, tail)
+              for tail, (blob, held) in zip(replies[::2], replies[1::2], strict=True)]
     latest = [Event.from_json(entry[1][b"data"]) for entry in newest if entry is not None]
     for event in sorted(latest, key=lambda e: e.key):
         yield event

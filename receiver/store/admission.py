@@ -64,27 +64,29 @@ while true do
   end
 end
 """
-# Slots freed: each member still holding one gives it back, and its tenant's count with it.
+# Slots freed; then each tenant's count is taken again from the slots themselves (a few dozen
+# at most), so a count can never drift: not after a crash, nor after a process of an older
+# version freed a slot without counting.
+RECOUNT = """
+local held = {}
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local tenant = string.match(member, '^(.*)/')
+  held[tenant] = (held[tenant] or 0) + 1
+end
+redis.call('DEL', KEYS[2])
+for tenant, n in pairs(held) do redis.call('HSET', KEYS[2], tenant, n) end
+"""
 FREE = """
 -- KEYS[1] slots, KEYS[2] in flight; ARGV: members
-for _, member in ipairs(ARGV) do
-  if redis.call('ZREM', KEYS[1], member) == 1 then
-    local tenant = string.match(member, '^(.*)/')
-    if redis.call('HINCRBY', KEYS[2], tenant, -1) <= 0 then
-      redis.call('HDEL', KEYS[2], tenant)
-    end
-  end
-end
-"""
+if #ARGV > 0 then redis.call('ZREM', KEYS[1], unpack(ARGV)) end
+""" + RECOUNT
 ENQUEUE = """
--- KEYS[1] the tenant's queue, KEYS[2] turns, KEYS[3] turn, KEYS[4] slots, KEYS[5] in flight
+-- KEYS[1] slots, KEYS[2] in flight, KEYS[3] the tenant's queue, KEYS[4] turns, KEYS[5] turn
 -- ARGV[1] member, ARGV[2] its creation ms, ARGV[3] tenant, ARGV[4] '1': back from the slots
-if ARGV[4] == '1' and redis.call('ZREM', KEYS[4], ARGV[1]) == 1 then
-  if redis.call('HINCRBY', KEYS[5], ARGV[3], -1) <= 0 then redis.call('HDEL', KEYS[5], ARGV[3]) end
-end
-redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[2], 'NX', tonumber(redis.call('GET', KEYS[3]) or '0'), ARGV[3])
-"""
+redis.call('ZADD', KEYS[3], 'NX', ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], 'NX', tonumber(redis.call('GET', KEYS[5]) or '0'), ARGV[3])
+if ARGV[4] ~= '1' or redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return end
+""" + RECOUNT
 
 _FINAL = {s.value.encode() for s in TaskStatus if s.terminal}
 
@@ -144,8 +146,8 @@ class Admission:
     async def _enqueue(self, account: str, member: Member, from_slots: bool) -> None:
         keys = self.keys
         await self._enqueue_script(
-            keys=[keys.queue(account, member.tenant), keys.turns(account), keys.turn(account),
-                  keys.slots(account), keys.in_flight(account)],
+            keys=[keys.slots(account), keys.in_flight(account),
+                  keys.queue(account, member.tenant), keys.turns(account), keys.turn(account)],
             args=[str(member), member.created_ms, member.tenant, "1" if from_slots else "0"])
 
     async def withdraw(self, account: str, member: Member) -> bool:

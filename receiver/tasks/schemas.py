@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from pydantic.json_schema import SkipJsonSchema
 
 from receiver.core.constants import JOB_ID_RE
@@ -33,6 +33,19 @@ MAX_PAGE = 200
 MAX_FIELD = 8192  # a callback URL's fields
 
 _PROVIDER = extra(enum=sorted(PROVIDERS))
+
+
+def _blank_is_none(value: object) -> object:
+    """A text given blank reads as not given (as the hand-written checks read it)."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _stripped(value: object) -> object:
+    text = _blank_is_none(value)
+    return text.strip() if isinstance(text, str) else text
+
+
+Blank = BeforeValidator(_blank_is_none)
 Short = Annotated[str | None, Field(max_length=256)]
 Image = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE_TEXT)]
 NotBlank = Annotated[str | None, Field(pattern="\\S", max_length=MAX_FIELD)]
@@ -103,18 +116,20 @@ class NewTask(Model):
     action: Short = Field(None, json_schema_extra=extra(enum=ACTIONS),
                           description="default IMAGINE; with a button, the button's action")
     prompt: str | None = Field(None, max_length=MAX_PROMPT)
-    images: list[Image] = Field([], max_length=5, description="image URLs or data URLs")
-    parent_id: JobId | None = Field(None, description="the job id of the task to act on")
+    images: list[Image] | None = Field([], max_length=5,
+                                       description="image URLs or data URLs")
+    parent_id: Annotated[JobId | None, BeforeValidator(_stripped)] = Field(
+        None, description="the job id of the task to act on")
     button: Short = Field(None, description="the parent's button, by label (U1) or custom id")
     custom_id: Short = Field(None, description="the parent's button, by custom id")
-    index: Literal[1, 2, 3, 4] | None = Field(
-        None, description="the image of the grid, for UPSCALE and VARIATION")
+    index: Annotated[int, Field(ge=1, le=4, strict=True)] | None = Field(
+        None, description="the image of the grid (1-4), for UPSCALE and VARIATION")
     mode: Short = Field(None, json_schema_extra=extra(enum=ALL_MODES),
                         description="mjproxy FAST, RELAX, TURBO; ohmygpt FAST (default), "
                                     "NORMAL; aigc2d none; an action inherits its parent's")
     dimensions: Short = Field(None, json_schema_extra=extra(enum=DIMENSIONS),
                               description="for BLEND")
-    mask: Annotated[str | None, Field(min_length=1, max_length=MAX_IMAGE_TEXT)] = Field(
+    mask: Annotated[Image | None, Blank] = Field(
         None, description="Vary Region's dialog: the area to redraw, a PNG data URL or "
                           "image URL")
 

@@ -100,7 +100,7 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
         offered = ", ".join(client.modes) or "no modes"
         flavor = f" ({account.flavor})" if provider == "mjproxy" else ""
         raise BadRequest(f"{provider}{flavor} has {offered}, not {mode!r}")
-    prompt, images, mask, index = _clean(new.prompt), new.images, _clean(new.mask), new.index
+    prompt, images, mask, index = _clean(new.prompt), new.images or [], _clean(new.mask), new.index
     dimensions = (_clean(new.dimensions) or "").upper() or None
     if dimensions is not None and dimensions not in DIMENSIONS:
         raise BadRequest(f"'dimensions' must be one of {', '.join(DIMENSIONS)}")

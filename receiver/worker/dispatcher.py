@@ -152,13 +152,14 @@ class Dispatcher:
                 return
             metrics.submissions.labels(account.provider, "accepted").inc()
             self._delay[account.name] = 0.0
-            await svc.redis.hincrby(svc.store.keys.health(account.name),  # type: ignore[misc]
-                                    "sent", 1)
             if provider_task_id:  # ours, whoever claimed the id before (see `claims`)
                 await svc.claims.take(claims, provider_task_id)
             await svc.store.submitted(claims, Update(
                 TaskStatus.SUBMITTED, provider_task_id=provider_task_id,
                 submitted_at=now_iso()))
+            with contextlib.suppress(RedisError):  # what operators see; the task is stored
+                await svc.redis.hincrby(  # type: ignore[misc]
+                    svc.store.keys.health(account.name), "sent", 1)
         except RedisError as exc:
             # The slot stays held; the reconciler settles the task.
             metrics.redis_errors.labels("dispatcher").inc()

@@ -254,3 +254,14 @@ def test_ctrl_c_ends_watch_quietly_with_status_130(
     assert watcher.returncode == 130, err
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
     assert len((out + err).splitlines()) <= 2, out + err
+
+
+def test_serve_exits_3_when_it_cannot_start(tmp_path: Path, redis_server: RedisServer) -> None:
+    """A port already taken: the status uvicorn gives it, which a supervisor restarts on."""
+    env = {**fresh_env(tmp_path), "REDIS_URL": redis_server.url}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["PORT"])))
+        taken.listen()
+        done = subprocess.run([sys.executable, "-m", "receiver.cli", "serve", "--no-worker"],
+                              env=env, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 3, done.stderr.decode()[-2000:]

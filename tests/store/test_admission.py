@@ -177,3 +177,23 @@ def test_a_tenant_at_its_cap_waits_and_keeps_its_turn(
 
     assert asyncio.run(scenario()) == ["a", "b", "-"]  # A's turn first, then B's requeued one
     assert r.hgetall(KEYS.in_flight("acct")) == {b"a": b"2", b"b": b"2"}
+
+
+def test_in_flight_counts_are_taken_again_from_the_slots(
+        r: redis.Redis, redis_server: RedisServer) -> None:
+    """A count gone wrong (a crash, a process of an older version freeing a slot without
+    counting) is repaired by the next slot freed: no tenant stays stuck at its cap."""
+    async def scenario() -> Member | None:
+        async with Redis.from_url(redis_server.url) as client:
+            admission = Admission(client, KEYS, tenant_cap=2)
+            for i in range(4):
+                await admission.enqueue("acct", member(i, "a"))
+            first = await admission.acquire("acct", 5, 0)
+            assert first is not None
+            r.hset(KEYS.in_flight("acct"), "a", 7)  # drifted: "a" looks far over its cap
+            assert await admission.acquire("acct", 5, 0) is None
+            await admission.prune("acct")  # the task is gone: its slot is freed
+            return await admission.acquire("acct", 5, 0)
+
+    assert asyncio.run(scenario()) == member(1, "a")
+    assert r.hgetall(KEYS.in_flight("acct")) == {b"a": b"1"}

@@ -112,3 +112,22 @@ def test_merge_counts_an_entry_in_both_parts_once() -> None:
     a, b, c = ((b"1-%d" % n, {b"data": b"%d" % n}) for n in range(3))
     assert merge(pack([a, b]), [b, c]) == [a, b, c]  # compacted between the two reads
     assert merge(None, [a, b, c]) == [a, b, c]
+
+
+def test_a_history_too_big_to_unpack_cheaply_stays_a_stream(
+        redis_server: RedisServer) -> None:
+    c = claims()
+    big = [b"{\"pad\":\"%s\"}" % (b"%d" % n * 100_000) for n in range(1, 4)]  # 100 KB each
+
+    async def body(store: TaskStore) -> tuple[str, int]:
+        for n, raw in enumerate(big):
+            await store.apply(c, Update(TaskStatus.IN_PROGRESS, 10 * (n + 1), "p8", raw=raw))
+        await store.apply(c, Update(TaskStatus.SUCCESS, 100, "p8", raw=b"{}"))
+        await settled(store)
+        outcome = await store.history.compact(c.tenant, c.job_id)
+        return outcome, len(await read(store.redis, store.keys, c.tenant, c.job_id))
+
+    assert run(redis_server, body) == ("large", 4)
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.xlen(KEYS.history("acme", c.job_id)) == 4  # whole, readable as it was
+    assert client.hget(KEYS.task("acme", c.job_id), "h") is None

@@ -143,6 +143,8 @@ def test_bad_submissions_are_clear_4xx_and_store_nothing(stack: Stack, r: redis.
             ({"provider": "mjproxy", "parent_id": "0" * 20, "action": "UPSCALE"}, 404),
             ({"provider": "mjproxy", "prompt": "x", "index": 7}, 400),
             ({"provider": "mjproxy", "prompt": 5}, 400),
+            ({"provider": "mjproxy", "prompt": "x", "index": True}, 400),  # not a number
+            ({"provider": "mjproxy", "prompt": "x", "index": 1.0}, 400),
         ]
         for body, status in cases:
             response = acme.post("/tasks", json=body)
@@ -150,6 +152,16 @@ def test_bad_submissions_are_clear_4xx_and_store_nothing(stack: Stack, r: redis.
             assert set(response.json()) == {"error", "detail"}
         assert acme.post("/tasks", content=b"[1").status_code == 400
     assert r.keys(f"{KEYS.prefix}:task:*") == []
+
+
+def test_blank_fields_read_as_not_given(stack: Stack) -> None:
+    """As before the typed models: a blank parent or mask, or null images, is no field."""
+    receiver, _ = stack()
+    with receiver.client("key-acme") as acme:
+        response = acme.post("/tasks", json={"provider": "mjproxy", "prompt": "a fox",
+                                             "parent_id": "  ", "mask": "", "images": None})
+        assert response.status_code == 202, response.text
+        assert response.json()["action"] == "IMAGINE"
 
 
 @pytest.mark.parametrize("flavor", ["trueai", "novicezk"])
