@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 
 from receiver.core.constants import Keys
 from receiver.core.models import RANK_INFERRED_FAILURE, TaskStatus, now_ms
+from receiver.store.history import HistoryCompactor
 
 # The tenants' queues are named from the turns (the prefix in ARGV): under the account's hash
 # tag, on the account's slot of a cluster.
@@ -114,9 +115,12 @@ class Member(NamedTuple):
 
 class Admission:
     def __init__(self, redis: Redis, keys: Keys, publisher: Redis | None = None,
-                 tenant_cap: int = 0) -> None:
+                 tenant_cap: int = 0, history: HistoryCompactor | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        # A final task's slot is freed here: its history is compacted again, in case the
+        # process that stored the final state died before it could (a no-op otherwise).
+        self.history = history
         self.tenant_cap = tenant_cap  # the slots of an account one tenant may hold (0: any)
         # PUBLISH goes through one node (the async cluster client has no PUBLISH)
         self.publisher = publisher or redis
@@ -187,6 +191,8 @@ class Admission:
         for (member, _), (rank, status) in zip(held, states, strict=True):
             if status is None or status in _FINAL:
                 done.append(str(member))
+                if status is not None and self.history is not None:
+                    self.history.soon(member.tenant, member.job_id)
                 if rank is not None and int(rank) == RANK_INFERRED_FAILURE:
                     inferred[str(member)] = now_ms()  # when it left the slots
         if done:

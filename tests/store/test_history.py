@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from bench.ingest import callbacks
 from receiver.cli.redis_server import RedisServer
 from receiver.core.models import TaskStatus, Update
-from receiver.store import TaskStore
+from receiver.store import Admission, Member, TaskStore
 from receiver.store.history import merge, pack, read, unpack
 from receiver.store.tasks import redact_tokens
 from tests.conftest import KEYS, LiveServer, mint
@@ -131,3 +131,23 @@ def test_a_history_too_big_to_unpack_cheaply_stays_a_stream(
     client = redis.Redis.from_url(redis_server.url)
     assert client.xlen(KEYS.history("acme", c.job_id)) == 4  # whole, readable as it was
     assert client.hget(KEYS.task("acme", c.job_id), "h") is None
+
+
+def test_a_compaction_lost_with_its_process_is_done_when_the_slot_is_freed(
+        redis_server: RedisServer) -> None:
+    c = claims()
+
+    async def body(store: TaskStore) -> str:
+        await store.apply(c, Update(TaskStatus.IN_PROGRESS, 50, "p7", raw=b"{}"))
+        await store.apply(c, Update(TaskStatus.SUCCESS, 100, "p7", raw=b"{}"))
+        for task in list(store.history.pending):  # the process died before compacting
+            task.cancel()
+        await asyncio.sleep(0)
+        assert await store.redis.exists(store.keys.history(c.tenant, c.job_id))
+        admission = Admission(store.redis, store.keys, history=store.history)
+        await store.redis.zadd(store.keys.slots("acct"), {str(Member(c.tenant, c.job_id)): 1})
+        assert await admission.prune("acct") == 0  # final: its slot is freed...
+        await settled(store)  # ...and its history compacted
+        return str(await store.redis.exists(store.keys.history(c.tenant, c.job_id)))
+
+    assert run(redis_server, body) == "0"
