@@ -186,6 +186,6 @@ class HistoryCompactor:
         """Lets the compactions under way finish (they are short), then stops."""
         if self.pending:
             with contextlib.suppress(Exception):
-                await asyncio.wait(self.pending, timeout=2.0)
+                await asyncio.wait(self.pending, timeout=0.5)
         for task in self.pending:
             task.cancel()
