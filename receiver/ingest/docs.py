@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, RootModel
-from pydantic.json_schema import SkipJsonSchema
 
 from receiver.core.docs import (
     BODY_ERRORS,
@@ -52,24 +51,24 @@ ProviderId = Annotated[Any, Field(json_schema_extra=extra(**_ID))]
 
 
 class _Dialect(Model):
-    """Any field not listed is kept, in the stored transition's ``raw``. (Documentation only:
-    ``str | SkipJsonSchema[None]``: a string when present, as the providers send it.)"""
+    """Any field not listed is kept, in the stored transition's ``raw``. Fields may be null:
+    midjourney-proxy writes every field, nulls included (PROVIDERS.md, its NotifyService)."""
 
     model_config = ConfigDict(title=None, extra="allow")
 
 
 class ProviderButton(_Dialect):
     customId: str
-    label: str | SkipJsonSchema[None] = Field(None)
-    emoji: str | SkipJsonSchema[None] = Field(None)
+    label: str | None = Field(None)
+    emoji: str | None = Field(None)
 
 
 class ImageUrl(_Dialect):
-    url: str | SkipJsonSchema[None] = Field(None)
+    url: str | None = Field(None)
 
 
 class MjproxyProperties(_Dialect):
-    finalPrompt: str | SkipJsonSchema[None] = Field(None)
+    finalPrompt: str | None = Field(None)
 
 
 class MjproxyTask(_Dialect):
@@ -78,17 +77,17 @@ class MjproxyTask(_Dialect):
     id: ProviderId
     status: Status
     progress: Progress = Field(None)
-    action: str | SkipJsonSchema[None] = Field(None)
-    prompt: str | SkipJsonSchema[None] = Field(None)
-    promptEn: str | SkipJsonSchema[None] = Field(None)
-    imageUrl: str | SkipJsonSchema[None] = Field(None)
-    imageUrls: list[str | ImageUrl] | SkipJsonSchema[None] = Field(None)
-    failReason: str | SkipJsonSchema[None] = Field(None)
-    buttons: list[ProviderButton] | SkipJsonSchema[None] = Field(None)
-    properties: MjproxyProperties | SkipJsonSchema[None] = Field(None)
-    submitTime: int | SkipJsonSchema[None] = Field(None, description="epoch milliseconds")
-    startTime: int | SkipJsonSchema[None] = Field(None, description="epoch milliseconds")
-    finishTime: int | SkipJsonSchema[None] = Field(None, description="epoch milliseconds")
+    action: str | None = Field(None)
+    prompt: str | None = Field(None)
+    promptEn: str | None = Field(None)
+    imageUrl: str | None = Field(None)
+    imageUrls: list[str | ImageUrl] | None = Field(None)
+    failReason: str | None = Field(None)
+    buttons: list[ProviderButton] | None = Field(None)
+    properties: MjproxyProperties | None = Field(None)
+    submitTime: int | None = Field(None, description="epoch milliseconds")
+    startTime: int | None = Field(None, description="epoch milliseconds")
+    finishTime: int | None = Field(None, description="epoch milliseconds")
 
 
 class OhmygptTask(_Dialect):
@@ -97,17 +96,17 @@ class OhmygptTask(_Dialect):
     taskId: ProviderId
     status: Status
     progress: Progress = Field(None)
-    action: str | SkipJsonSchema[None] = Field(None)
-    taskType: str | SkipJsonSchema[None] = Field(None, description="FAST or NORMAL")
-    prompt: str | SkipJsonSchema[None] = Field(None)
-    finalPrompt: str | SkipJsonSchema[None] = Field(None)
-    imageDcUrl: str | SkipJsonSchema[None] = Field(None)
-    imageS3Url: str | SkipJsonSchema[None] = Field(None)
-    failReason: str | SkipJsonSchema[None] = Field(None)
-    actions: list[ProviderButton] | SkipJsonSchema[None] = Field(None)
-    submitTime: str | SkipJsonSchema[None] = Field(None, description="ISO 8601")
-    startTime: str | SkipJsonSchema[None] = Field(None, description="ISO 8601")
-    finishTime: str | SkipJsonSchema[None] = Field(None, description="ISO 8601")
+    action: str | None = Field(None)
+    taskType: str | None = Field(None, description="FAST or NORMAL")
+    prompt: str | None = Field(None)
+    finalPrompt: str | None = Field(None)
+    imageDcUrl: str | None = Field(None)
+    imageS3Url: str | None = Field(None)
+    failReason: str | None = Field(None)
+    actions: list[ProviderButton] | None = Field(None)
+    submitTime: str | None = Field(None, description="ISO 8601")
+    startTime: str | None = Field(None, description="ISO 8601")
+    finishTime: str | None = Field(None, description="ISO 8601")
 
 
 class OhmygptWrapped(_Dialect):
@@ -122,15 +121,15 @@ class Aigc2dTask(_Dialect):
     task_id: ProviderId
     status: Status
     progress: Progress = Field(None)
-    action: str | SkipJsonSchema[None] = Field(None)
-    prompt: str | SkipJsonSchema[None] = Field(None)
-    image_url: str | SkipJsonSchema[None] = Field(None)
-    fail_reason: str | SkipJsonSchema[None] = Field(None)
-    message: str | SkipJsonSchema[None] = Field(None)
-    point: float | SkipJsonSchema[None] = Field(None, description="the task's price in points")
-    submit_time: str | SkipJsonSchema[None] = Field(None, description="YYYY-MM-DD HH:MM:SS, UTC+8")
-    start_time: str | SkipJsonSchema[None] = Field(None, description="YYYY-MM-DD HH:MM:SS, UTC+8")
-    finish_time: str | SkipJsonSchema[None] = Field(None, description="YYYY-MM-DD HH:MM:SS, UTC+8")
+    action: str | None = Field(None)
+    prompt: str | None = Field(None)
+    image_url: str | None = Field(None)
+    fail_reason: str | None = Field(None)
+    message: str | None = Field(None)
+    point: float | None = Field(None, description="the task's price in points")
+    submit_time: str | None = Field(None, description="YYYY-MM-DD HH:MM:SS, UTC+8")
+    start_time: str | None = Field(None, description="YYYY-MM-DD HH:MM:SS, UTC+8")
+    finish_time: str | None = Field(None, description="YYYY-MM-DD HH:MM:SS, UTC+8")
 
 
 class CallbackBody(RootModel[MjproxyTask | OhmygptTask | OhmygptWrapped | Aigc2dTask]):
