@@ -50,6 +50,13 @@ EVENT_OF_STATUS: dict[TaskStatus, EventKind] = {
     TaskStatus.FAILURE: EventKind.FAILED,
     TaskStatus.CANCEL: EventKind.CANCELED,
 }
+def event_key(event_id: str | bytes) -> tuple[int, int]:
+    """Event ids (``ms-seq``, ours: the tenant stream's and a task history's) in order."""
+    text = event_id.decode() if isinstance(event_id, bytes) else event_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 # The events after which a task has nothing more to say.
 TERMINAL_EVENTS = frozenset(EVENT_OF_STATUS[s].value for s in TaskStatus if s.terminal)
 

@@ -24,15 +24,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from receiver.core.constants import Keys
-from receiver.core.models import TERMINAL_EVENTS
+from receiver.core.models import TERMINAL_EVENTS, event_key
 
 log = logging.getLogger(__name__)
-
-def event_key(event_id: str) -> tuple[int, int]:
-    """Event ids (``ms-seq``) in their order."""
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
-
 
 @dataclass(slots=True)
 class Event:

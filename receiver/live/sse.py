@@ -22,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 
 from receiver.core.errors import BadRequest, Forbidden
 from receiver.core.limits import TooManyRequests
-from receiver.core.models import TaskStatus
-from receiver.events.hub import Event, event_key
+from receiver.core.models import TaskStatus, event_key
+from receiver.events.hub import Event
 from receiver.services.auth import authenticate
 from receiver.services.container import Services, services
 from receiver.services.http import task_or_404
@@ -53,7 +53,7 @@ async def task_events(request: Request) -> Response:
         task = await task_or_404(svc, tenant, job_id)
         if last and TaskStatus(orjson.loads(task)["status"]).terminal:
             latest = await history.latest(svc.redis, svc.store.keys, tenant, job_id)
-            if latest and event_key(last) >= event_key(latest[0].decode()):
+            if latest and event_key(last) >= event_key(latest[0]):
                 # The client has seen the end (an EventSource reconnects by itself after
                 # every close); 204 is the standard way to tell it to stop.
                 svc.hub.unreserve(tenant)
@@ -224,7 +224,7 @@ async def _history(
     if task_id is not None:  # both parts of a compacted history: what the task stored
         after = event_key(last)
         for entry_id, fields in await history.read(redis, keys, tenant, task_id):
-            if event_key(entry_id.decode()) > after:
+            if event_key(entry_id) > after:
                 yield Event.from_json(fields[b"data"])
         return
     if await _older_than_retained(svc, stream, last):

@@ -203,15 +203,12 @@ class Admission:
 
     async def depth(self, account: str) -> tuple[int, int]:
         """(tasks waiting, slots in use)."""
-        keys = self.keys
-        tenants = await self.redis.zrange(keys.turns(account), 0, -1)
+        by_tenant = await self.waiting(account)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(keys.slots(account))
-            pipe.zcard(keys.legacy_queue(account))
-            for tenant in tenants:
-                pipe.zcard(keys.queue(account, tenant.decode()))
-            held, *waiting = await pipe.execute()
-        return sum(int(n) for n in waiting), int(held)
+            pipe.zcard(self.keys.legacy_queue(account))
+            pipe.zcard(self.keys.slots(account))
+            legacy, held = await pipe.execute()
+        return sum(by_tenant.values()) + int(legacy), int(held)
 
     async def waiting(self, account: str) -> dict[str, int]:
         """Tasks waiting for the account, by tenant, in the order of their turns."""

@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from receiver.core.constants import Keys
+from receiver.core.models import event_key
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ def unpack(blob: bytes) -> list[Entry]:
 
 def _after(entry_id: bytes) -> str:
     """The id just after ``entry_id`` (XTRIM MINID keeps it and what follows)."""
-    ms, _, seq = entry_id.decode().partition("-")
-    return f"{ms}-{int(seq or 0) + 1}"
+    ms, seq = event_key(entry_id)
+    return f"{ms}-{seq + 1}"
 
 
 async def read(redis: Redis, keys: Keys, tenant: str, job_id: str) -> list[Entry]:
@@ -115,7 +116,7 @@ async def latest(redis: Redis, keys: Keys, tenant: str, job_id: str) -> Entry | 
 def newest(blob: bytes | None, held: bytes | None, tail: Sequence[Entry]) -> Entry | None:
     """The newest of the stream's last entry (``tail``: none or one) and the blob's last
     (``held``: its id), unpacking the blob only when the stream has nothing newer."""
-    if tail and (held is None or _key(tail[0][0]) > _key(held)):
+    if tail and (held is None or event_key(tail[0][0]) > event_key(held)):
         return tail[0]
     entries = merge(blob, tail)
     return entries[-1] if entries else None
@@ -126,13 +127,8 @@ def merge(blob: bytes | None, stream: Sequence[Entry]) -> list[Entry]:
     second: a compaction in between then finds its entries in both (once here), and never
     in neither."""
     held = unpack(blob) if blob else []
-    last = _key(held[-1][0]) if held else (-1, -1)
-    return [*held, *(entry for entry in stream if _key(entry[0]) > last)]
-
-
-def _key(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
+    last = event_key(held[-1][0]) if held else (-1, -1)
+    return [*held, *(entry for entry in stream if event_key(entry[0]) > last)]
 
 
 class HistoryCompactor:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from receiver.cli.redis_server import RedisServer
-from receiver.events.hub import event_key
+from receiver.core.models import event_key
 from receiver.server.streams import StreamProtocol
 from tests.conftest import KEYS, TIMEOUT, LiveServer, base_settings, history_entries, mint
 
