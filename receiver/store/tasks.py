@@ -109,6 +109,8 @@ TRANSITION = "\n".join([
     (files("receiver.store") / "transition.lua").read_text(),
 ])
 
+# A tenant's keys, made once: stream, last id, index, channel, usage, quota, status indexes
+_TenantKeys = tuple[bytes, bytes, bytes, bytes, bytes, bytes, tuple[bytes, ...]]
 _FIELD_NAMES = [f.encode() for f in TASK_FIELDS]
 _INDEX_BYTES = {name: b"%d" % i for name, i in _INDEX.items()}
 
@@ -160,7 +162,7 @@ class TaskStore:
             str(settings.task_history_maxlen).encode(),
             str(settings.task_ttl).encode(),
         ]
-        self._tenant_keys: dict[str, tuple[bytes, ...]] = {}
+        self._tenant_keys: dict[str, _TenantKeys] = {}
         self._admission = self.keys.admission_channel().encode()
         # Quotas count in buckets of a seventh of TASK_TTL, eight to a window (the last
         # TASK_TTL and the bucket under way); none at all when both quotas are off.
@@ -216,7 +218,7 @@ class TaskStore:
         claimed: bool = False, enforce: bool = False,
     ) -> Outcome:
         job, tenant = claims.job_id, claims.tenant
-        stream, last_id, index, channel, usage, quota, *by_status = self._for_tenant(tenant)
+        stream, last_id, index, channel, usage, quota, by_status = self._for_tenant(tenant)
         raw = redact_tokens(raw)
         patch: list[bytes] = []
         for name, value in fields.items():
@@ -263,7 +265,7 @@ class TaskStore:
             f"tenant {tenant!r} wrote its {settings.tenant_max_bytes} bytes in the last "
             f"{window} (TENANT_MAX_BYTES)", retry)
 
-    def _for_tenant(self, tenant: str) -> tuple[bytes, ...]:
+    def _for_tenant(self, tenant: str) -> _TenantKeys:
         keys = self._tenant_keys.get(tenant)
         if keys is None:
             k = self.keys
@@ -271,7 +273,7 @@ class TaskStore:
                 k.stream(tenant).encode(), k.last_event_id(tenant).encode(),
                 k.index(tenant).encode(), k.channel(tenant).encode(),
                 k.usage(tenant).encode(), k.quota(tenant).encode(),
-                *(k.index(tenant, status.value).encode() for status in TaskStatus),
+                tuple(k.index(tenant, status.value).encode() for status in TaskStatus),
             )
         return keys
 
