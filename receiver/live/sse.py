@@ -1,10 +1,11 @@
 """``GET /tasks/{id}/events`` and ``GET /events``: Server-Sent Events, resumable.
 
 A client is first registered with the hub, so live events queue up while history is read;
-history is then replayed from the task's history stream or the tenant's stream after
-Last-Event-ID, and live events follow, skipping any id already sent. Event ids grow strictly
-per tenant, so "already sent" is one comparison: no gap and no duplicate at the switch.
-An id older than what the stream still holds gets the current snapshots first.
+history is then replayed after Last-Event-ID, from the task's history (its stream, and the
+blob a finished task's is compacted into: `receiver.store.history`) or the tenant's stream,
+and live events follow, skipping any id already sent. Event ids grow strictly per tenant, so
+"already sent" is one comparison: no gap and no duplicate at the switch. An id older than
+what the tenant stream still holds gets the current snapshots first.
 """
 
 from __future__ import annotations
