@@ -34,6 +34,10 @@ if not SAMPLES.is_dir():  # the samples travel with the repository too
     SAMPLES = Path(__file__).resolve().parent / "samples"
 
 KEYS = Keys()
+# No archive unless a test asks for one (tests/worker/test_archiver.py): it would fetch the
+# samples' image URLs (cdn.discordapp.com, ...), and tests reach nothing but loopback. The
+# `receiver serve` processes tests start inherit this.
+os.environ.setdefault("IMAGE_STORE", "")
 
 # Shared, noisy machines: no per-example deadlines (speed is measured in bench/, not here).
 hypothesis_settings.register_profile(
@@ -177,6 +181,61 @@ def redis_cluster(redis_cluster_nodes: RedisClusterNodes) -> RedisClusterNodes:
     return redis_cluster_nodes
 
 
+class S3Server:
+    """moto's S3 in server mode (from PyPI), on a loopback port: a real S3 API over HTTP."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def aws(self) -> dict[str, str]:
+        """The AWS_* variables that point a client at it."""
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+
+    def start(self) -> S3Server:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(self.url)
+                return self
+            except httpx.TransportError:
+                assert self.process.poll() is None, "moto's server did not start"
+                assert time.monotonic() < deadline, "moto's server did not answer"
+                time.sleep(0.1)
+
+    def bucket(self, name: str) -> str:
+        """A new, empty bucket."""
+        assert httpx.put(f"{self.url}/{name}").status_code == 200
+        return name
+
+    def keys(self, bucket: str) -> list[str]:
+        """The object keys in ``bucket`` (its listing, as any S3 client reads it)."""
+        import re
+
+        listing = httpx.get(f"{self.url}/{bucket}").text
+        return re.findall(r"<Key>([^<]+)</Key>", listing)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"), persist=False).start()
@@ -198,6 +257,7 @@ def base_settings(redis_url: str, **overrides: Any) -> Settings:
         redis_url=redis_url,
         secret_keys=(Secret("test-key-1"),),
         api_keys={"key-acme": "acme", "key-beta": "beta"},
+        image_store="",
     )
     return replace(settings, **overrides)
 
@@ -293,7 +353,8 @@ def stack(redis_server: RedisServer, r: redis.Redis) -> Iterator[Stack]:
         overrides.setdefault("embedded_worker", True)
         overrides.setdefault("fetch_allow_hosts", (f"127.0.0.1:{simulator.port}",))
         settings = base_settings(
-            redis_server.url, public_base_url=f"http://127.0.0.1:{port}",
+            overrides.pop("redis_url", redis_server.url),
+            public_base_url=f"http://127.0.0.1:{port}",
             accounts={p: ProviderAccount(p, simulator.url, Secret(f"sk-{p}"), limit,
                                          flavor=sim.mjproxy_flavor)
                       for p in PROVIDERS},

@@ -486,7 +486,7 @@ def test_faults_are_validated_listed_and_reset(sim: httpx.Client) -> None:
         "queue_full": False, "fail_tasks": 0.0, "never_finish": False, "slow": 1.0,
         "empty_polls": False, "submit_delay": 0.0, "queue_wait": 0.0,
         "transient_errors": 0.0, "rate_limited": False, "logic_error": False,
-        "ip_blacklisted": False, "resend_unchanged": 0.0}
+        "ip_blacklisted": False, "resend_unchanged": 0.0, "expire_images": False}
     assert sim.post("/_sim/faults", json={"resend_unchanged": 1.5}).status_code == 400
     assert sim.post("/_sim/faults", json={"rate_limited": "yes"}).status_code == 400
 
@@ -954,3 +954,14 @@ def test_ohmygpt_and_aigc2d_transient_errors_and_rate_limits(
     limited = submit(sim, provider, "imagine", prompt="a cat")
     assert limited.status_code == 429 and "many" in refusal(provider, limited).lower()
     assert sim.get("/_sim/stats").json()["submitted"] == 0
+
+
+def test_each_image_is_its_own_png_until_the_links_expire(sim: httpx.Client) -> None:
+    one, two = sim.get("/images/a.png"), sim.get("/images/b.png")
+    assert one.headers["content-type"] == two.headers["content-type"] == "image/png"
+    assert one.content.startswith(b"\x89PNG") and one.content != two.content
+    assert sim.get("/images/a.png").content == one.content  # the same name, the same bytes
+    sim.post("/_sim/faults", json={"expire_images": True})
+    expired = sim.get("/images/a.png")
+    assert expired.status_code == 404 and "no longer available" in expired.text
+    assert sim.get("/_sim/stats").json()["image_requests"] == 4

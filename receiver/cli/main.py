@@ -165,6 +165,8 @@ def serve(args: argparse.Namespace) -> int:
         log.info("no RECEIVER_SECRET_KEYS: using the key kept in %s", DATA_DIR / "secret_key")
     if not args.no_worker:
         decided["EMBEDDED_WORKER"] = "true"
+    if env_config()("IMAGE_STORE", default=None) is None:  # kept with the rest of the data
+        decided["IMAGE_STORE"] = f"file://{(DATA_DIR / 'images').resolve()}"
     simulator = None
     if args.simulator:
         simulator, played = _start_simulator(settings, args.simulator_step_interval, keep)

@@ -15,6 +15,7 @@ DEFAULT_PREFIX = "receiver"
 # verifies for another.
 CALLBACK_SALT = "receiver.callback.v1"
 SUBSCRIBE_SALT = "receiver.subscribe.v1"
+IMAGE_SALT = "receiver.image.v1"
 
 # \Z, not $: "$" also matches before a final newline, and these go into JSON quotes.
 TENANT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
@@ -35,6 +36,9 @@ TASK_FIELDS: tuple[str, ...] = (
     "final_prompt",
     "image_url",
     "image_urls",
+    # The images as kept by this service (`receiver.images`): set by the archive after SUCCESS.
+    "archived_image_url",
+    "archived_image_urls",
     "buttons",
     "fail_reason",
     "parent_id",
@@ -56,7 +60,8 @@ class Keys:
 
     def task(self, tenant: str, job_id: str) -> str:
         """Hash: the task's rank, status, provider task id and canonical values (``r``,
-        ``s``, ``p``, ``v``), and the submitter's ``a``, ``b``, ``c``, ``q`` (see `store`)."""
+        ``s``, ``p``, ``v``), the submitter's ``a``, ``b``, ``c``, ``q`` (see `store`), the
+        compacted history ``h``, ``hl`` and the archive's attempts ``ia``."""
         return f"{self.prefix}:task:{{{tenant}}}:{job_id}"
 
     def history(self, tenant: str, job_id: str) -> str:
@@ -144,9 +149,29 @@ class Keys:
         """String with a TTL: one worker polls a task at a time."""
         return f"{self.prefix}:poll:{{acct:{account}}}:{member}"
 
+    def archive(self, tenant: str) -> str:
+        """Sorted set: the tenant's succeeded tasks whose images are still to be archived,
+        scored by when a worker may next take them (ms; a worker taking one pushes it a
+        lease ahead). The transition script adds a task at its SUCCESS."""
+        return f"{self.prefix}:archive:{{{tenant}}}"
+
+    def images(self) -> str:
+        """Sorted set: each archived image (its object name), scored by the ms after which
+        no task needs it; the sweeper deletes the object then. No hash tag: images are
+        shared by tenants."""
+        return f"{self.prefix}:images"
+
+    def image_lock(self, name: str) -> str:
+        """Lock: one worker at a time stores, or deletes, one image."""
+        return f"{self.prefix}:imagelock:{name}"
+
     def admission_channel(self) -> str:
         """Pub/sub: an account name, when it may have a free slot or a new task queued."""
         return f"{self.prefix}:admission"
 
 # What a field reads as before anything set it.
-FIELD_DEFAULTS: dict[str, str] = {"image_urls": "[]", "buttons": "[]", "progress": "0"}
+FIELD_DEFAULTS: dict[str, str] = {"image_urls": "[]", "archived_image_urls": "[]",
+                                  "buttons": "[]", "progress": "0"}
+# Fields added since tasks were first stored: a task written before lacks them in its values
+# (``v``), and reads them as their defaults (the script and `store.tasks.snapshot` do).
+ADDED_FIELDS: tuple[str, ...] = ("archived_image_url", "archived_image_urls")

@@ -39,6 +39,8 @@ class EventKind(StrEnum):
     SUCCEEDED = "task.succeeded"
     FAILED = "task.failed"
     CANCELED = "task.canceled"
+    # After task.succeeded: the task's images are archived (`archived_image_url(s)` set).
+    ARCHIVED = "task.archived"
 
 
 EVENT_OF_STATUS: dict[TaskStatus, EventKind] = {
@@ -57,8 +59,10 @@ def event_key(event_id: str | bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-# The events after which a task has nothing more to say.
-TERMINAL_EVENTS = frozenset(EVENT_OF_STATUS[s].value for s in TaskStatus if s.terminal)
+# The events that end a task's event stream: its final state's, or (for a stream opened
+# after its images were kept) the archive's, which only a SUCCESS has after it.
+TERMINAL_EVENTS = frozenset({*(EVENT_OF_STATUS[s].value for s in TaskStatus if s.terminal),
+                             EventKind.ARCHIVED.value})
 
 # Ranks decide monotonicity: an update is stored only if it ranks above what is stored.
 # IN_PROGRESS and MODAL take 200 + progress; an inferred failure ranks below every provider

@@ -86,6 +86,11 @@ class Task(Model):
     final_prompt: str | None
     image_url: str | None
     image_urls: list[str]
+    archived_image_url: str | None = Field(
+        description="image_url as kept by this service (GET /images/...), once archived "
+                    "(event task.archived), null until then or if it could not be")
+    archived_image_urls: list[str | None] = Field(
+        description="image_urls as kept by this service, in their order (null: not kept)")
     buttons: list[Button]
     fail_reason: str | None
     parent_id: str | None

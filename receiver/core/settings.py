@@ -73,6 +73,15 @@ def _host_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip("[]") for item in _lower_list(raw))
 
 
+def _store_url(raw: str) -> str:
+    url = raw.strip()
+    if url and not url.startswith(("file://", "s3://")):
+        raise ValueError("file://<directory>, s3://<bucket>[/<prefix>], or empty for none")
+    if url.startswith("s3://") and not url[5:].strip("/"):
+        raise ValueError("s3:// needs a bucket: s3://<bucket>[/<prefix>]")
+    return url
+
+
 def _secrets(raw: str) -> tuple[Secret, ...]:
     return tuple(Secret(key) for key in _list(raw))
 
@@ -148,6 +157,16 @@ class Settings:
     fetch_allow_hosts: tuple[str, ...] = setting((), parse=_lower_list)
     image_max_bytes: int = setting(32 * 1024 * 1024)
     fetch_timeout: float = setting(10.0)
+    # Where a SUCCESS's images are kept (`receiver.images`): file://<directory>, or
+    # s3://<bucket>[/<prefix>] for any S3-compatible store (credentials, region and endpoint
+    # from the standard AWS_* variables: `aws`); empty: none kept. Signed image URLs last
+    # image_url_ttl; a task's images are tried archive_attempts times, the first retry
+    # after archive_backoff seconds, doubling.
+    image_store: str = setting("file://.receiver/images", parse=_store_url)
+    image_url_ttl: int = setting(3600)
+    archive_attempts: int = setting(6)
+    archive_backoff: float = setting(5.0)
+    aws: dict[str, str] = field(default_factory=dict)
     # Confirm a callback's SUCCESS by polling the provider before storing it.
     verify_final: bool = setting(False)
     # Run the dispatcher and reconciler inside the web process.
@@ -194,7 +213,7 @@ class Settings:
         """Every setting from its variable (`setting`'s ``env``), parsed by its type; a
         value that does not parse stops startup naming the variable. Unset: the default."""
         config = config or env_config()
-        values: dict[str, Any] = {"accounts": read_accounts(config)}
+        values: dict[str, Any] = {"accounts": read_accounts(config), "aws": read_aws(config)}
         for spec in fields(cls):
             if "env" not in spec.metadata:
                 continue
@@ -287,6 +306,19 @@ def read_accounts(config: Config) -> dict[str, ProviderAccount]:
             config(f"{env}_AUTH_HEADER", default="mj-api-secret"), flavor,
         )
     return accounts
+
+
+# What an s3:// IMAGE_STORE reads (as the AWS CLI and SDKs do); AWS_ENDPOINT_URL names a
+# store that is not AWS (MinIO, R2, Ceph, ...).
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_VIRTUAL_HOSTED_STYLE_REQUEST")
+
+
+def read_aws(config: Config) -> dict[str, str]:
+    """The ``AWS_*`` variables that are set, by name."""
+    return {name: value for name in AWS_VARIABLES
+            if (value := config(name, default=None)) is not None}
 
 
 def is_loopback(host: str) -> bool:

@@ -13,7 +13,13 @@ from typing import Any, NamedTuple
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from receiver.core.constants import CALLBACK_SALT, JOB_ID_RE, SUBSCRIBE_SALT, TENANT_RE
+from receiver.core.constants import (
+    CALLBACK_SALT,
+    IMAGE_SALT,
+    JOB_ID_RE,
+    SUBSCRIBE_SALT,
+    TENANT_RE,
+)
 from receiver.core.errors import Forbidden, Unauthorized
 
 
@@ -68,7 +74,7 @@ class TokenSigner:
 
     def __init__(
         self, keys: list[str], callback_ttl: int, subscribe_ttl: int = 3600,
-        cache_size: int = 10_000,
+        cache_size: int = 10_000, image_ttl: int = 3600,
     ) -> None:
         if not keys:
             raise ValueError("at least one secret key is needed")
@@ -79,6 +85,10 @@ class TokenSigner:
         )
         self._subscribe = URLSafeTimedSerializer(
             keys, salt=SUBSCRIBE_SALT, signer_kwargs={"digest_method": hashlib.sha256}
+        )
+        self.image_ttl = image_ttl
+        self._image = URLSafeTimedSerializer(
+            keys, salt=IMAGE_SALT, signer_kwargs={"digest_method": hashlib.sha256}
         )
         self._cache: dict[str, tuple[CallbackClaims, float]] = {}
         self._cache_size = cache_size
@@ -119,6 +129,26 @@ class TokenSigner:
                 and (task is None or (isinstance(task, str) and JOB_ID_RE.match(task)))):
             raise BadToken("the subscribe token is not valid")
         return SubscribeClaims(tenant, task)
+
+    def mint_image(self, tenant: str, task_id: str) -> str:
+        """A token for ``?token=`` on one task's archived images (an ``<img>`` sends no
+        Authorization header), valid for ``image_ttl``."""
+        return self._image.dumps({"t": tenant, "k": task_id})
+
+    def verify_image(self, token: str) -> tuple[str, str]:
+        """(tenant, task id) of an image token."""
+        try:
+            payload = self._image.loads(token, max_age=self.image_ttl)
+        except SignatureExpired as exc:
+            raise ExpiredToken("the image token has expired") from exc
+        except (BadSignature, UnicodeError) as exc:
+            raise BadToken("the image token is not valid") from exc
+        tenant, task = (payload.get("t"), payload.get("k")) if isinstance(payload, dict) else (
+            None, None)
+        if not (isinstance(tenant, str) and TENANT_RE.match(tenant)
+                and isinstance(task, str) and JOB_ID_RE.match(task)):
+            raise BadToken("the image token is not valid")
+        return tenant, task
 
     def _verify(self, token: str) -> tuple[CallbackClaims, float]:
         if not _TOKEN_CHARS.match(token):  # itsdangerous would drop what is not base64

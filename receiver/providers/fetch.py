@@ -42,13 +42,19 @@ METADATA = frozenset({ipaddress.ip_address("169.254.169.254"),
 CLASSES = (("unspecified", "is_unspecified"), ("loopback", "is_loopback"),
            ("link-local", "is_link_local"), ("multicast", "is_multicast"),
            ("private", "is_private"), ("reserved", "is_reserved"))
+_TRANSIENT = frozenset({408, 425, 429, 500, 502, 503, 504})  # answers worth asking again
 DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+);base64,(.*)", re.IGNORECASE | re.DOTALL)
 
 
 class ImageRefused(BadRequest):
-    """The image URL was not fetched, or its answer not taken; the detail says why."""
+    """The image URL was not fetched, or its answer not taken; the detail says why.
+    ``transient``: the same fetch may work later (a timeout, a 5xx, no connection)."""
 
     code = "image_refused"
+
+    def __init__(self, detail: str, transient: bool = False) -> None:
+        super().__init__(detail)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ async def _resolve(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
     try:
         addresses = [ipaddress.ip_address(address) for address in await resolver(host, port)]
     except (OSError, ValueError) as exc:
-        raise ImageRefused(f"cannot resolve host {host!r}: {exc}") from None
+        raise ImageRefused(f"cannot resolve host {host!r}: {exc}", transient=True) from None
     if not addresses:
         raise ImageRefused(f"host {host!r} resolves to no address")
     return addresses
@@ -168,14 +174,15 @@ async def _pinned(client: httpx.AsyncClient, target: httpx.URL, host: str,
         finally:
             await response.aclose()
         return
-    raise ImageRefused(f"cannot connect to {host!r}: {error}")
+    raise ImageRefused(f"cannot connect to {host!r}: {error}", transient=True)
 
 
 async def _read(response: httpx.Response, target: httpx.URL,
                 policy: FetchPolicy) -> tuple[bytes, str]:
     """The body, if a 2xx image no larger than the cap: read as a stream, stopped past it."""
     if not 200 <= response.status_code < 300:
-        raise ImageRefused(f"{target} answered HTTP {response.status_code}")
+        raise ImageRefused(f"{target} answered HTTP {response.status_code}",
+                           transient=response.status_code in _TRANSIENT)
     declared = response.headers.get("content-type", "").partition(";")[0].strip().lower()
     if not declared.startswith("image/"):
         raise ImageRefused(f"content type {declared or '(none)'!r} is not image/*: {target}")
@@ -220,10 +227,11 @@ async def fetch_image(url: str, policy: FetchPolicy, *, resolver: Resolver | Non
         async with asyncio.timeout(policy.timeout):
             return await _fetch(url, policy, resolver or system_resolver, transport)
     except (TimeoutError, httpx.TimeoutException):
-        raise ImageRefused(f"timed out after {policy.timeout:g} s: {url[:200]!r}") from None
+        raise ImageRefused(f"timed out after {policy.timeout:g} s: {url[:200]!r}",
+                           transient=True) from None
     except httpx.HTTPError as exc:
-        raise ImageRefused(f"fetch failed ({type(exc).__name__}: {exc}): {url[:200]!r}"
-                           ) from None
+        raise ImageRefused(f"fetch failed ({type(exc).__name__}: {exc}): {url[:200]!r}",
+                           transient=True) from None
 
 
 def check_data_url(url: str, policy: FetchPolicy) -> None:

@@ -20,6 +20,7 @@ from receiver.core.limits import RateLimiter
 from receiver.core.settings import ProviderAccount, Settings
 from receiver.core.tokens import TokenSigner
 from receiver.events.hub import EventHub
+from receiver.images import ImageStore, open_store
 from receiver.providers import CLIENTS, MjproxyClient, ProviderClient
 from receiver.providers.pricing import PriceTable
 from receiver.services.metrics import Metrics
@@ -53,6 +54,8 @@ class Services:
     mint_limiter: RateLimiter
     # who holds which provider task id
     claims: ClaimRegistry
+    # where a SUCCESS's images are kept (IMAGE_STORE), or None for nowhere
+    images: ImageStore | None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -82,7 +85,7 @@ class Services:
             redis=redis,
             store=store,
             signer=TokenSigner(settings.signing_keys(), settings.callback_token_ttl,
-                               settings.subscribe_token_ttl),
+                               settings.subscribe_token_ttl, image_ttl=settings.image_url_ttl),
             hub=hub,
             pubsub=pubsub,
             callback_limiter=RateLimiter(settings.callback_rate, settings.callback_burst),
@@ -94,6 +97,7 @@ class Services:
             prices=PriceTable.load(settings.prices_file),
             clients={name: client(account) for name, account in settings.accounts.items()},
             metrics=metrics,
+            images=open_store(settings.image_store, settings.aws),
         )
 
     async def start(self) -> None:

@@ -52,6 +52,18 @@ class Metrics:
         self.inferred_failures = Counter(
             "receiver_inferred_failures", "Tasks failed as timed out by the reconciler",
             ["provider"], registry=r)
+        self.images_archived = Counter(
+            "receiver_images_archived", "Images archived (fetched and kept; an image kept "
+            "already counts too)", registry=r)
+        self.images_archived_bytes = Counter(
+            "receiver_images_archived_bytes", "Bytes of the images archived", registry=r)
+        self.archive_failures = Counter(
+            "receiver_archive_failures", "Images the archive could not fetch or keep, by "
+            "whether it tries again (retry) or gave up (refused, exhausted)", ["result"],
+            registry=r)
+        self.images_expired = Counter(
+            "receiver_images_expired", "Kept images deleted once no task needed them",
+            registry=r)
         self.queue_depth = Gauge(
             "receiver_admission_queue_depth", "Tasks waiting for a slot, per account",
             ["account"], registry=r)

@@ -61,6 +61,9 @@ class Faults:
     # novicezk: an unchanged status:progress is posted again a moment later (its notify
     # pool only skips *older* states); trueai never does (it skips equal ones too).
     resend_unchanged: float = 0.0
+    # The image links have expired, as Discord's CDN links do after about a day: every
+    # /images/* answers 404 (Discord: "This content is no longer available.").
+    expire_images: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):

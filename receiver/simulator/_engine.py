@@ -85,6 +85,7 @@ class Simulator:
         self.waiting: defaultdict[str, deque[SimTask]] = defaultdict(deque)
         self.answered_queued = 0  # mjproxy code 22
         self.cancelled = 0
+        self.image_requests = 0  # GET /images/*, expired or not
         self._transient_turn = 0
 
     def stats(self) -> dict[str, Any]:
@@ -96,6 +97,7 @@ class Simulator:
             "waiting": {account: len(q) for account, q in self.waiting.items()},
             "answered_queued": self.answered_queued,
             "cancelled": self.cancelled,
+            "image_requests": self.image_requests,
             "callbacks_sent": self.callbacks["sent"],
             "callbacks_dropped": self.callbacks["dropped"],
             "callbacks_failed": self.callbacks["failed"],

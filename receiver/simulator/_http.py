@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import struct
 import zlib
@@ -162,7 +163,14 @@ def server_error() -> Response:
 
 
 async def image(request: Request) -> Response:
+    """A PNG of its own for every name (its colour from the name's hash), so images kept by
+    content are as many as the names; 404 for all once the links expire (the fault)."""
     name: str = request.path_params["name"]
     if not name.endswith(".png"):
         return Response("Not Found", 404, media_type="text/plain")
-    return Response(PNG, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+    sim = sim_of(request)
+    sim.image_requests += 1
+    if sim.faults.expire_images:
+        return Response("This content is no longer available.", 404, media_type="text/plain")
+    return Response(_png(rgb=hashlib.sha256(name.encode()).digest()[:3]),
+                    media_type="image/png", headers={"Cache-Control": "max-age=86400"})

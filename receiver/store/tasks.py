@@ -16,11 +16,12 @@ from typing import Any, NamedTuple
 import orjson
 from redis.asyncio import Redis
 
-from receiver.core.constants import FIELD_DEFAULTS, TASK_FIELDS, Keys
+from receiver.core.constants import ADDED_FIELDS, FIELD_DEFAULTS, TASK_FIELDS, Keys
 from receiver.core.errors import ReceiverError
 from receiver.core.models import (
     EVENT_OF_STATUS,
     RANK_INFERRED_FAILURE,
+    EventKind,
     TaskStatus,
     Update,
     now_iso,
@@ -45,7 +46,9 @@ _HEADER = "\n".join([
         f"'{'{' if i == 1 else ','}\"{name}\":'" for name, i in _INDEX.items()) + "}",
     "local DEFAULTS = {" + ", ".join(
         f"[{_INDEX[k]}] = '{v}'" for k, v in FIELD_DEFAULTS.items()) + "}",
+    "local ADDED = {" + ", ".join(f"[{_INDEX[k]}] = true" for k in ADDED_FIELDS) + "}",
     f"local CREATED_AT, UPDATED_AT = {_INDEX['created_at']}, {_INDEX['updated_at']}",
+    f"local IMAGE_URL, IMAGE_URLS = {_INDEX['image_url']}, {_INDEX['image_urls']}",
     f"local INFERRED = {RANK_INFERRED_FAILURE}",
 ])
 
@@ -68,6 +71,7 @@ class TransitionKeys(NamedTuple):
     index_success: bytes
     index_failure: bytes
     index_cancel: bytes
+    archive: bytes
 
 
 class TransitionArgs(NamedTuple):
@@ -96,6 +100,7 @@ class TransitionArgs(NamedTuple):
     max_bytes: bytes
     quota_ttl: bytes
     claim_ttl: bytes
+    archive: bytes
 
 
 # Where each status's index and the claim are in KEYS, for the script's header.
@@ -105,11 +110,13 @@ TRANSITION = "\n".join([
     _HEADER,
     "local STATUS_INDEX = {" + ", ".join(f"{s.value} = {i}" for s, i in _STATUS_INDEX.items())
     + "}",
+    f"local ARCHIVE = {TransitionKeys._fields.index('archive') + 1}",
     f"local CLAIM = {len(TransitionKeys._fields) + 1}",
     (files("receiver.store") / "transition.lua").read_text(),
 ])
 
-# A tenant's keys, made once: stream, last id, index, channel, usage, quota, status indexes
+# A tenant's keys, made once: stream, last id, index, channel, usage, quota, and the KEYS
+# after quota (the status indexes and the archive queue)
 _TenantKeys = tuple[bytes, bytes, bytes, bytes, bytes, bytes, tuple[bytes, ...]]
 _FIELD_NAMES = [f.encode() for f in TASK_FIELDS]
 _INDEX_BYTES = {name: b"%d" % i for name, i in _INDEX.items()}
@@ -171,6 +178,7 @@ class TaskStore:
         self._counting = bool(settings.tenant_max_tasks or settings.tenant_max_bytes)
         self._quota_ttl = b"%d" % (8 * self._bucket_seconds)
         self._claim_ttl = b"%d" % claim_ttl(settings)
+        self._archive = b"1" if settings.image_store else b"0"
 
     async def close(self) -> None:
         await self.history.close()
@@ -212,13 +220,23 @@ class TaskStore:
             ptid=update.provider_task_id or "", claimed=True,
         )
 
+    async def archived(self, claims: CallbackClaims, image_url: str | None,
+                       image_urls: list[str | None]) -> Outcome:
+        """The worker stored a SUCCESS's images: the task gains their URLs on this service
+        (event ``task.archived``). ``stale`` if the task is not (or no longer) a SUCCESS,
+        ``duplicate`` if it has these URLs already."""
+        fields = {"archived_image_url": image_url, "archived_image_urls": image_urls}
+        return await self._transition(
+            b"archive", claims, rank(TaskStatus.SUCCESS, None), TaskStatus.SUCCESS, b"",
+            fields, kind=EventKind.ARCHIVED)
+
     async def _transition(
         self, op: bytes, claims: CallbackClaims, rank_: int, status: TaskStatus, raw: bytes,
         fields: dict[str, Any], ptid: str = "", extra: list[Any] | None = None,
-        claimed: bool = False, enforce: bool = False,
+        claimed: bool = False, enforce: bool = False, kind: EventKind | None = None,
     ) -> Outcome:
         job, tenant = claims.job_id, claims.tenant
-        stream, last_id, index, channel, usage, quota, by_status = self._for_tenant(tenant)
+        stream, last_id, index, channel, usage, quota, tail = self._for_tenant(tenant)
         raw = redact_tokens(raw)
         patch: list[bytes] = []
         for name, value in fields.items():
@@ -227,16 +245,16 @@ class TaskStore:
         max_tasks, max_bytes = self._quotas if enforce else (b"0", b"0")
         keys: tuple[bytes, ...] = TransitionKeys(
             self.keys.task(tenant, job).encode(), self.keys.history(tenant, job).encode(),
-            stream, last_id, index, usage, quota, *by_status)
+            stream, last_id, index, usage, quota, *tail)
         if ptid and not claimed and not self.settings.redis_cluster:
             keys += (claim_key(self.keys, claims.provider, ptid),)  # taken inline
         stream_maxlen, history_maxlen, ttl = self._limits
         args = TransitionArgs(
-            op, rank_, status.value, EVENT_OF_STATUS[status].value, ptid, raw,
+            op, rank_, status.value, (kind or EVENT_OF_STATUS[status]).value, ptid, raw,
             orjson.dumps(now_iso()), job, channel, stream_maxlen, history_maxlen, ttl,
             b"\0".join(patch), now_ms(), tenant, claims.provider, self._admission,
             b"1" if claimed else b"0", bucket, max_tasks, max_bytes, self._quota_ttl,
-            self._claim_ttl)
+            self._claim_ttl, self._archive)
         reply = await self.batcher.call(keys, args + tuple(extra) if extra else args)
         if reply[0] == b"quota":
             self._refuse(tenant, reply[1])
@@ -273,7 +291,8 @@ class TaskStore:
                 k.stream(tenant).encode(), k.last_event_id(tenant).encode(),
                 k.index(tenant).encode(), k.channel(tenant).encode(),
                 k.usage(tenant).encode(), k.quota(tenant).encode(),
-                tuple(k.index(tenant, status.value).encode() for status in TaskStatus),
+                (*(k.index(tenant, status.value).encode() for status in TaskStatus),
+                 k.archive(tenant).encode()),
             )
         return keys
 
@@ -346,7 +365,13 @@ def snapshot(values: bytes | None) -> bytes | None:
     """The stored NUL-joined values -> the task's JSON."""
     if values is None:
         return None
+    parts = values.split(b"\0")
+    if len(parts) < len(_FIELD_NAMES):  # stored before ADDED_FIELDS: they read as defaults
+        given = iter(parts)
+        parts = [_ADDED[name] if name in _ADDED else next(given) for name in TASK_FIELDS]
     return b"{" + b",".join(
-        b'"%s":%s' % (name, value)
-        for name, value in zip(_FIELD_NAMES, values.split(b"\0"), strict=True)
+        b'"%s":%s' % (name, value) for name, value in zip(_FIELD_NAMES, parts, strict=True)
     ) + b"}"
+
+
+_ADDED = {name: FIELD_DEFAULTS.get(name, "null").encode() for name in ADDED_FIELDS}

@@ -1,20 +1,25 @@
 -- The transition script (see store/tasks.py and ARCHITECTURE.md): one atomic, idempotent,
 -- monotonic transition of a task. store.TRANSITION is this file after a header that Python
 -- writes from core.constants.TASK_FIELDS: N (the field count), NAMES (the snapshot's key
--- texts), DEFAULTS, CREATED_AT and UPDATED_AT (field indexes), INFERRED (an inferred
--- failure's rank); and from TransitionKeys: STATUS_INDEX and CLAIM (positions in KEYS).
+-- texts), DEFAULTS, ADDED (the fields a task stored before them lacks), CREATED_AT,
+-- UPDATED_AT, IMAGE_URL and IMAGE_URLS (field indexes), INFERRED (an inferred failure's
+-- rank); and from TransitionKeys: STATUS_INDEX, ARCHIVE and CLAIM (positions in KEYS).
 --
 -- KEYS (store.tasks.TransitionKeys, in this order):
 --   1 task, 2 history, 3 stream, 4 last_event_id, 5 task_index, 6 usage, 7 quota,
 --   8 index_not_start, 9 index_submitted, 10 index_in_progress, 11 index_modal,
 --   12 index_success, 13 index_failure, 14 index_cancel (one index per status:
---   STATUS_INDEX in the header maps a status to its key's position),
---   15 claim (only on a single Redis, for an update that may bind a provider task id)
+--   STATUS_INDEX in the header maps a status to its key's position), 15 archive (the
+--   tenant's tasks whose images are to be archived),
+--   16 claim (only on a single Redis, for an update that may bind a provider task id)
 -- ARGV (store.TransitionArgs, in this order):
 --   1 op, 2 rank, 3 status, 4 kind, 5 ptid, 6 raw, 7 now, 8 job, 9 channel,
 --   10 stream_maxlen, 11 history_maxlen, 12 ttl, 13 patch, 14 ms, 15 tenant, 16 provider,
 --   17 admission, 18 claimed, 19 bucket, 20 max_tasks, 21 max_bytes, 22 quota_ttl,
---   23 claim_ttl, 24... control (the submitter's fields, name and value, on create)
+--   23 claim_ttl, 24 archive ('1': a SUCCESS with images queues them for the archive),
+--   25... control (the submitter's fields, name and value, on create)
+-- op: create, apply, submit (apply, and charge the ledger), or archive (the worker stored
+-- the task's images: a SUCCESS gains its archived URLs, the only change after a final).
 local op, new_rank, status, kind, ptid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 
 -- r: rank, s: status, p: provider task id, v: the N field values (JSON texts) joined by NUL,
@@ -64,20 +69,31 @@ if exists then
       redis.call('HSET', KEYS[1], 'c', charged)
     end
   end
-  local stored, pos = cur[4], 1
-  for i = 1, N - 1 do  -- plain find (memchr): pattern matching costs more
+  local stored, pos, count = cur[4], 1, 0
+  while true do  -- plain find (memchr): pattern matching costs more
     local e = string.find(stored, '\0', pos, true)
-    vals[i] = string.sub(stored, pos, e - 1); pos = e + 1
+    count = count + 1
+    if not e then vals[count] = string.sub(stored, pos); break end
+    vals[count] = string.sub(stored, pos, e - 1); pos = e + 1
   end
-  vals[N] = string.sub(stored, pos)
+  if count < N then  -- stored before the ADDED fields existed: they take their defaults
+    local old, j = vals, 1
+    vals = {}
+    for i = 1, N do
+      if ADDED[i] then vals[i] = DEFAULTS[i] or 'null' else vals[i] = old[j]; j = j + 1 end
+    end
+  end
   local cur_rank = tonumber(cur[1])
-  if new_rank == cur_rank then return {'duplicate', vals[N]} end
-  if new_rank < cur_rank then return {'stale', vals[N]} end
+  if op == 'archive' then
+    if cur[2] ~= 'SUCCESS' then return {'stale', vals[N]} end
+  elseif new_rank == cur_rank then return {'duplicate', vals[N]}
+  elseif new_rank < cur_rank then return {'stale', vals[N]} end
   if must_claim then
     local refused = claim()
     if refused then return refused end
   end
 else  -- tenant and provider are from a verified token: safe inside quotes
+  if op == 'archive' then return {'stale'} end  -- the task expired meanwhile
   if must_claim then
     local refused = claim()
     if refused then return refused end
@@ -86,6 +102,7 @@ else  -- tenant and provider are from a verified token: safe inside quotes
   vals[1], vals[2], vals[3] = '"' .. ARGV[8] .. '"', '"' .. ARGV[15] .. '"', '"' .. ARGV[16] .. '"'
   vals[CREATED_AT] = ARGV[7]
 end
+local before = op == 'archive' and table.concat(vals, '\0')
 local patch, pos = ARGV[13], 1  -- index NUL json NUL index NUL json ...
 while pos <= #patch do
   local e = string.find(patch, '\0', pos, true)
@@ -93,6 +110,8 @@ while pos <= #patch do
   vals[tonumber(string.sub(patch, pos, e - 1))] = string.sub(patch, e + 1, f - 1)
   pos = f + 1
 end
+-- the same images archived again (two workers, a retry) is one transition
+if before and table.concat(vals, '\0') == before then return {'duplicate', vals[N]} end
 local version = exists and tonumber(vals[N]) + 1 or 1
 vals[N] = tostring(version)
 vals[UPDATED_AT] = ARGV[7]
@@ -127,7 +146,7 @@ if bucket > 0 then
     redis.call('EXPIRE', KEYS[7], ARGV[22])
   end
   local size = #ARGV[6] + 3 * #data
-  for i = 24, #ARGV do size = size + #ARGV[i] end
+  for i = 25, #ARGV do size = size + #ARGV[i] end
   local max_tasks, max_bytes = tonumber(ARGV[20]), tonumber(ARGV[21])
   if not exists and max_tasks > 0 and tasks >= max_tasks then return {'quota', 'tasks'} end
   if max_bytes > 0 and bytes + size > max_bytes then return {'quota', 'bytes'} end
@@ -151,8 +170,8 @@ if ptid ~= '' then
 else
   redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored)
 end
-if op == 'create' and #ARGV > 23 then  -- the submitter's control fields
-  redis.call('HSET', KEYS[1], unpack(ARGV, 24))
+if op == 'create' and #ARGV > 24 then  -- the submitter's control fields
+  redis.call('HSET', KEYS[1], unpack(ARGV, 25))
 end
 -- Refund a charged task that fails, where the provider refunds; take the refund back when a
 -- provider SUCCESS replaces a failure we inferred.
@@ -166,7 +185,7 @@ then
   end
 end
 -- Retention runs from creation and again from the end; progress need not refresh it.
-if not exists or new_rank >= INFERRED then
+if not exists or (new_rank >= INFERRED and op ~= 'archive') then
   redis.call('EXPIRE', KEYS[1], ARGV[12])
   redis.call('EXPIRE', KEYS[2], ARGV[12])
 end
@@ -177,8 +196,15 @@ if cur[2] ~= status then
   redis.call('ZADD', KEYS[STATUS_INDEX[status]], 0, ARGV[8])
 end
 redis.call('PUBLISH', ARGV[9], data)
+-- A SUCCESS with images: the archive takes them (the worker; never this path).
+if status == 'SUCCESS' and op ~= 'archive' and ARGV[24] == '1'
+    and (vals[IMAGE_URL] ~= 'null' or vals[IMAGE_URLS] ~= '[]') then
+  redis.call('ZADD', KEYS[ARCHIVE], 'NX', ARGV[14], ARGV[8])
+end
 -- A final state frees the task's admission slot (the slot holders are pruned by status):
 -- wake the account's dispatchers.
-if cur[6] and new_rank >= INFERRED then redis.call('PUBLISH', ARGV[17], cur[6]) end
+if cur[6] and new_rank >= INFERRED and op ~= 'archive' then
+  redis.call('PUBLISH', ARGV[17], cur[6])
+end
 if op == 'create' then return {'stored', version, id, data} end
 return {'stored', version, id}

@@ -11,6 +11,9 @@ from receiver.core.docs import (
     RETRY_AFTER,
     TASK_QUOTA,
     TENANT_ERRORS,
+    UNAVAILABLE,
+    WWW_AUTHENTICATE,
+    Answer,
     Operation,
     error,
     ok,
@@ -27,6 +30,7 @@ from receiver.tasks.schemas import (
     Providers,
     SubscribeToken,
     TaskHistory,
+    TaskImages,
     TaskPage,
     Usage,
 )
@@ -96,6 +100,36 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
         "(a finished task's history is compacted in Redis; this reads it back whole)",
         parameters=[JOB_ID_PARAMETER],
         responses={200: ok("The transitions", TaskHistory), **_NOT_FOUND, **TENANT_ERRORS})},
+    "/tasks/{job_id}/images": {"get": Operation(
+        "The task's archived images as signed URLs, for <img> tags (which send no "
+        "Authorization header): each valid IMAGE_URL_TTL seconds, for this task only",
+        parameters=[JOB_ID_PARAMETER],
+        responses={200: ok("The signed URLs", TaskImages), **_NOT_FOUND, **TENANT_ERRORS})},
+    "/images/{job_id}/{name}": {"get": Operation(
+        "One archived image of the tenant's task (the URL in archived_image_url(s))",
+        description="Kept by the worker when the task succeeded, by content (sha256), so it "
+                    "outlives the provider's link; gone with its task (TASK_TTL). Immutable "
+                    "(private) cache headers; If-None-Match answers 304.",
+        parameters=[JOB_ID_PARAMETER,
+                    {"name": "name", "in": "path", "required": True,
+                     "schema": {"type": "string",
+                                "pattern": "^[0-9a-f]{64}\\.(png|jpg|gif|webp)$"}},
+                    {"name": "token", "in": "query", "schema": {"type": "string"},
+                     "description": "a signed image token (GET /tasks/{id}/images), "
+                                    "instead of the Authorization header"}],
+        responses={
+            200: Answer("The image", {"type": "string", "format": "binary"},
+                        media_type="image/*"),
+            304: Answer("Not modified (If-None-Match)", None),
+            401: error("missing_api_key, invalid_api_key: no or an unknown API key (and no "
+                       "token); invalid_token, expired_token: a bad or expired image token",
+                       WWW_AUTHENTICATE),
+            403: error("loopback_only: open mode (no API keys) and a non-loopback client"),
+            404: error("task_not_found: no such task for this tenant; image_not_found: the "
+                       "task has no such archived image, the token is another task's, or "
+                       "the image is no longer kept"),
+            **UNAVAILABLE,
+        })},
     "/tasks/{job_id}/cancel": {"post": Operation(
         "Cancel a task: one still in our queue is CANCEL at once and never sent; a sent one "
         "is canceled at the provider where it can be",

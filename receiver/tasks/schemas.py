@@ -151,6 +151,15 @@ class TaskHistory(Model):
     transitions: list[Transition]
 
 
+class TaskImages(Model):
+    """A task's archived images as signed URLs, for ``<img>`` tags."""
+
+    task_id: JobId
+    expires_in: int = Field(description="seconds the URLs' tokens are valid (IMAGE_URL_TTL)")
+    image_url: str | None = Field(description="archived_image_url, signed")
+    image_urls: list[str | None] = Field(description="archived_image_urls, signed")
+
+
 class LedgerCounters(Model):
     tasks: int = Field(ge=0, description="tasks charged")
     spent: int = Field(description="charged when the provider accepted them")

@@ -12,11 +12,13 @@ from starlette.staticfiles import StaticFiles
 
 ASSETS = Path(__file__).with_name("static")
 
-# The page loads only its own files; images come from the providers' CDNs.
+# The page loads only its own files, images included: the archived ones, from this service
+# (`receiver.tasks.images`). A provider's image URL is whatever a callback said, and would
+# make every viewer's browser fetch an address of the callback's choosing.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-        "img-src 'self' https: http: data:; form-action 'self'; base-uri 'none'; "
+        "img-src 'self' data:; form-action 'self'; base-uri 'none'; "
         "frame-ancestors 'none'"),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",

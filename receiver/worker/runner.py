@@ -1,7 +1,9 @@
-"""``receiver worker``: the dispatcher and the reconciler, in one process (the Procfile's
-``worker``), or inside the web process (``receiver serve`` does so unless ``--no-worker``).
+"""``receiver worker``: the dispatcher, the reconciler and the archiver, in one process
+(the Procfile's ``worker``), or inside the web process (``receiver serve`` does so unless
+``--no-worker``).
 
-Any number may run against one Redis: see `dispatcher` and `reconciler` for why that is safe.
+Any number may run against one Redis: see `dispatcher`, `reconciler` and `archiver` for why
+that is safe.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 
 from receiver.core.settings import Settings
 from receiver.services.container import Services
+from receiver.worker.archiver import Archiver
 from receiver.worker.dispatcher import Dispatcher
 from receiver.worker.reconciler import Reconciler
 
@@ -22,12 +25,15 @@ class Worker:
     def __init__(self, svc: Services) -> None:
         self.dispatcher = Dispatcher(svc)
         self.reconciler = Reconciler(svc)
+        self.archiver = Archiver(svc, svc.images) if svc.images is not None else None
         self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.dispatcher.run())
             group.create_task(self.reconciler.run())
+            if self.archiver is not None:
+                group.create_task(self.archiver.run())
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run())

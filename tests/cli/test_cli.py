@@ -97,6 +97,7 @@ def test_ctrl_c_stops_the_service_before_its_redis_and_simulator(tmp_path: Path)
 
 def test_submit_watch_on_a_fresh_service_shows_a_task_reach_100(tmp_path: Path) -> None:
     env = fresh_env(tmp_path)
+    del env["IMAGE_STORE"]  # as `make run`: images kept in the data folder
     proc = serve(tmp_path, env)
     try:
         cli = [sys.executable, "-m", "receiver.cli"]
@@ -114,6 +115,12 @@ def test_submit_watch_on_a_fresh_service_shows_a_task_reach_100(tmp_path: Path) 
         listed = httpx.get(f"http://127.0.0.1:{env['PORT']}/tasks").json()["tasks"]
         cancelled = subprocess.run([*cli, "cancel", listed[0]["id"]], env=env,
                                    capture_output=True, text=True, timeout=60)
+        deadline = time.monotonic() + 20
+        while not (archived := httpx.get(f"http://127.0.0.1:{env['PORT']}/tasks/"
+                                         f"{listed[1]['id']}").json())["archived_image_url"]:
+            assert time.monotonic() < deadline, archived
+            time.sleep(0.1)
+        image = httpx.get(archived["archived_image_url"])
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)  # uvicorn (10 s grace), then Redis and the simulator: bounded
@@ -129,6 +136,10 @@ def test_submit_watch_on_a_fresh_service_shows_a_task_reach_100(tmp_path: Path) 
     assert cancelled.returncode == 1 and "409" in cancelled.stderr, cancelled.stderr
     assert "task_final" in cancelled.stderr
     assert "simulator plays mjproxy, ohmygpt, aigc2d" in (tmp_path / "serve.log").read_text()
+    # the grid's images, kept where `make run` keeps its data, and served
+    name = archived["archived_image_url"].rpartition("/")[2]
+    assert (tmp_path / "data" / "images" / name[:2] / name).read_bytes() == image.content
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
 
 
 def test_json_logs_carry_request_ids_and_no_secret(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ VENV_BIN = Path(sys.executable).parent  # .venv/bin: where `receiver` is, as aft
 NOT_RUN = re.compile(r"<!-- not run: (?P<why>\S.*?) -->")
 LANGUAGES = {"sh", "json", "js", "python"}  # a new kind of block must be decided on here
 # What runs and what is marked, per section: a new block, marked or not, changes these.
-RUN = {"Quickstart": 1, "Submitting tasks": 4, "Live events": 1}
+RUN = {"Quickstart": 1, "Submitting tasks": 4, "Images that last": 1, "Live events": 1}
 SKIPPED = {"Quickstart": 1, "Development": 1}
 # Seconds a block may take; a section gets this times its blocks (4 of them: within
 # pytest-timeout's 120 s, so a block that hangs is named, with its output).

@@ -45,3 +45,17 @@ def test_the_readme_table_names_every_setting() -> None:
     named = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", section))
     missing = set(Settings.variables().values()) - named
     assert not missing, f"README's settings table does not name {sorted(missing)}"
+
+
+def test_an_image_store_must_be_a_directory_or_a_bucket() -> None:
+    def read(**environ: str) -> Settings:
+        return Settings.from_env(Config(environ=environ))
+
+    assert read().image_store == "file://.receiver/images"
+    assert read(IMAGE_STORE="").image_store == ""
+    assert read(IMAGE_STORE="s3://bucket/prefix", AWS_ENDPOINT_URL="http://127.0.0.1:9000",
+                AWS_REGION="eu-west-1").aws == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1"}
+    for bad in ("https://bucket.example/x", "/var/images", "s3://"):
+        with pytest.raises(SettingsError, match="IMAGE_STORE"):
+            read(IMAGE_STORE=bad)

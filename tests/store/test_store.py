@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from receiver.cli.redis_server import RedisServer
+from receiver.core.constants import ADDED_FIELDS, TASK_FIELDS
 from receiver.core.models import TaskStatus, Update, new_job_id
 from receiver.core.tokens import CallbackClaims
 from receiver.store.batcher import ScriptBatcher
@@ -309,8 +310,69 @@ def test_transition_luas_table_names_keys_and_argv_as_store_builds_them() -> Non
     assert "local STATUS_INDEX = {NOT_START = 8, SUBMITTED = 9, IN_PROGRESS = 10, " \
         "MODAL = 11, SUCCESS = 12, FAILURE = 13, CANCEL = 14}" in TRANSITION
     assert f"local CLAIM = {fields + 1}" in TRANSITION
+    assert f"local ARCHIVE = {fields}" in TRANSITION and TransitionKeys._fields[-1] == "archive"
     argv = re.findall(r"(\d+) (\w+)", argv_doc)
     assert [name for _, name in argv][:len(TransitionArgs._fields)] == \
         list(TransitionArgs._fields)
     assert [int(n) for n, _ in argv][:len(TransitionArgs._fields)] == \
         list(range(1, len(TransitionArgs._fields) + 1))
+
+
+def test_a_task_stored_before_the_archive_fields_reads_them_as_defaults_and_moves_on(
+        redis_server: RedisServer, r: redis.Redis) -> None:
+    c = claims()
+    run(redis_server, lambda store: store.apply(c, Update(TaskStatus.IN_PROGRESS, 40, "p1",
+                                                          image_url="u")))
+    before = stored(redis_server, c)
+    # the values as an older version wrote them: without the added fields
+    values = r.hget(KEYS.task("acme", c.job_id), "v").split(b"\0")
+    added = [TASK_FIELDS.index(name) for name in ADDED_FIELDS]
+    old = [v for i, v in enumerate(values) if i not in added]
+    assert len(old) == len(TASK_FIELDS) - 2
+    r.hset(KEYS.task("acme", c.job_id), "v", b"\0".join(old))
+    assert stored(redis_server, c) == before  # read back whole, the new fields as defaults
+    assert before["archived_image_url"] is None and before["archived_image_urls"] == []
+    outcome = run(redis_server, lambda store: store.apply(c, Update(
+        TaskStatus.SUCCESS, 100, "p1", image_url="v")))
+    assert outcome.result == "stored"
+    after = stored(redis_server, c)
+    assert after["version"] == before["version"] + 1 and after["image_url"] == "v"
+    assert after["progress"] == 100 and after["prompt"] == before["prompt"]
+    assert len(r.hget(KEYS.task("acme", c.job_id), "v").split(b"\0")) == len(TASK_FIELDS)
+
+
+def test_the_archive_is_one_transition_after_success_and_only_then(
+        redis_server: RedisServer, r: redis.Redis) -> None:
+    done, running, bare, missing = claims(), claims(), claims(), claims()
+
+    async def body(store: TaskStore) -> list[str]:
+        await store.apply(done, Update(TaskStatus.SUCCESS, 100, "p1", image_url="u",
+                                       image_urls=["u1", "u2"]))
+        await store.apply(running, Update(TaskStatus.IN_PROGRESS, 50, "p2", image_url="u"))
+        await store.apply(bare, Update(TaskStatus.SUCCESS, 100, "p3"))  # no image
+        queued = await store.redis.zrange(KEYS.archive("acme"), 0, -1)
+        assert queued == [done.job_id.encode()]
+        return [(await store.archived(*args)).result for args in [
+            (done, "a", ["a1", None]), (done, "a", ["a1", None]),
+            (running, "a", []), (missing, "a", [])]]
+
+    assert run(redis_server, body, image_store="file:///unused") == [
+        "stored", "duplicate", "stale", "stale"]
+    task = stored(redis_server, done)
+    assert (task["archived_image_url"], task["archived_image_urls"]) == ("a", ["a1", None])
+    assert task["status"] == "SUCCESS" and task["version"] == 2
+    assert [f[b"event"] for _, f in history_entries(r, "acme", done.job_id)] == [
+        b"task.succeeded", b"task.archived"]
+    assert r.exists(KEYS.task("acme", missing.job_id)) == 0
+    assert stored(redis_server, running)["archived_image_url"] is None
+
+
+def test_no_archive_is_queued_without_an_image_store(
+        redis_server: RedisServer, r: redis.Redis) -> None:
+    c = claims()
+    run(redis_server, lambda store: store.apply(c, Update(TaskStatus.SUCCESS, 100, "p1",
+                                                          image_url="u")), image_store="")
+    assert r.zcard(KEYS.archive("acme")) == 0
+    run(redis_server, lambda store: store.apply(claims(), Update(
+        TaskStatus.SUCCESS, 100, "p2", image_url="u")), image_store="file:///unused")
+    assert r.zcard(KEYS.archive("acme")) == 1

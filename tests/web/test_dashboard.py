@@ -3,6 +3,7 @@ receiver, simulator and Redis. The screenshots in docs/ are taken here."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -64,8 +65,11 @@ def rows(page: Page) -> list[str]:
     return ids
 
 
-def test_submit_see_the_bar_reach_100_then_press_u1(stack: Stack, page: Page) -> None:
-    receiver, simulator = stack(sim=SLOW)
+def test_submit_see_the_bar_reach_100_then_press_u1(stack: Stack, page: Page,
+                                                    tmp_path: Path) -> None:
+    receiver, simulator = stack(sim=SLOW, image_store=f"file://{tmp_path}")
+    fetched: list[str] = []
+    page.on("request", lambda request: fetched.append(request.url))
     page.goto(receiver.url)
     page.get_by_label("API key").fill("wrong")
     page.get_by_role("button", name="Sign in").click()
@@ -77,11 +81,16 @@ def test_submit_see_the_bar_reach_100_then_press_u1(stack: Stack, page: Page) ->
     expect(page.locator("li.task")).to_have_count(1)
     row = page.locator(f'li.task[data-id="{rows(page)[0]}"]')  # pinned: more rows will come
     expect(row).to_have_attribute("data-status", "IN_PROGRESS", timeout=10_000)
-    expect(row.locator(".image")).to_be_visible()  # the preview, while it runs
     expect(row).to_have_attribute("data-status", "SUCCESS", timeout=15_000)
     expect(row.locator(".percent")).to_have_text("100%")
     assert row.locator("progress").evaluate("p => p.value") == 100
-    assert row.locator(".image").get_attribute("src").endswith(".png")
+    # the archived image, from this service through a signed URL, and drawn
+    expect(row.locator(".image")).to_be_visible(timeout=10_000)
+    expect(row.locator(".image")).to_have_attribute(
+        "src", re.compile(rf"^{re.escape(receiver.url)}/images/{rows(page)[0]}/[0-9a-f]{{64}}"
+                          r"\.png\?token="))
+    row.locator(".image").evaluate("img => img.decode()")
+    assert row.locator(".image").evaluate("img => img.naturalWidth") == 4
     expect(row.locator(".prompt")).to_contain_text("a red fox in the snow")
 
     row.get_by_role("button", name="U1", exact=True).click()
@@ -100,6 +109,7 @@ def test_submit_see_the_bar_reach_100_then_press_u1(stack: Stack, page: Page) ->
     zoom = page.locator("li.task").first
     expect(zoom.locator(".what")).to_have_text("ZOOM", timeout=10_000)
     expect(zoom).to_have_attribute("data-status", "SUCCESS", timeout=15_000)
+    expect(zoom.locator(".image")).to_be_visible(timeout=10_000)  # archived: shown
     ids = rows(page)
     assert len(ids) == 3 == len(set(ids))
     zoomed = next(t for t in sim_tasks(simulator) if t["action"] == "ZOOM")
@@ -115,6 +125,10 @@ def test_submit_see_the_bar_reach_100_then_press_u1(stack: Stack, page: Page) ->
     page.screenshot(path=str(DOCS / "dashboard-phone.png"), full_page=True)
     # nothing wider than the phone's screen
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    # the browser never went to the provider's host: images are ours, and the CSP says so
+    assert fetched and not [url for url in fetched if url.startswith(simulator.url)]
+    csp = httpx.get(receiver.url).headers["content-security-policy"]
+    assert "img-src 'self' data:;" in csp
 
 
 def test_novicezk_grids_get_the_same_buttons(stack: Stack, page: Page) -> None:

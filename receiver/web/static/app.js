@@ -5,7 +5,7 @@
 // older one never rolls a row back. The stream resumes from the last event id it saw.
 
 const KINDS = ["task.created", "task.submitted", "task.progress", "task.succeeded",
-  "task.failed", "task.canceled"];
+  "task.failed", "task.canceled", "task.archived"];
 const FINAL = new Set(["SUCCESS", "FAILURE", "CANCEL"]);
 const RECONNECT_MS = 2000;
 
@@ -18,6 +18,7 @@ const state = {
   source: null,
   retry: null,
   providers: [],
+  images: new Map(),   // task id -> {source, url, expires}: its archived image, signed
 };
 
 const $ = (id) => document.getElementById(id);
@@ -237,12 +238,7 @@ function render(row, task) {
   const fail = row.querySelector(".fail");
   fail.hidden = !task.fail_reason;
   fail.textContent = task.fail_reason || "";
-  const image = row.querySelector(".image");
-  if (task.image_url && image.getAttribute("src") !== task.image_url) {
-    image.src = task.image_url;
-    image.alt = `${FINAL.has(task.status) ? "result" : "preview"} of ${task.prompt || task.action}`;
-  }
-  image.hidden = !task.image_url;
+  showImage(row.querySelector(".image"), task);
   const actions = row.querySelector(".actions");
   actions.setAttribute("aria-label", `actions on ${task.id}`);
   actions.replaceChildren(...(task.status === "SUCCESS" ? task.buttons : []).map((button) => {
@@ -259,6 +255,29 @@ function render(row, task) {
     }
     return el;
   }));
+}
+
+// Only images this service keeps are shown (the page's CSP allows no other host): the
+// archived one, through a signed URL (an <img> sends no Authorization header).
+function showImage(image, task) {
+  const source = task.archived_image_url;
+  image.hidden = !source;
+  if (!source || image.dataset.source === source) return;
+  image.dataset.source = source;
+  signedImage(task.id, source).then((url) => {
+    if (image.dataset.source !== source) return;
+    image.src = url;
+    image.alt = `result of ${task.prompt || task.action}`;
+  }).catch(() => { delete image.dataset.source; });  // tried again at the next event
+}
+
+async function signedImage(id, source) {
+  const known = state.images.get(id);
+  if (known && known.source === source && known.expires > Date.now() + 60_000) return known.url;
+  const answer = await api(`/tasks/${encodeURIComponent(id)}/images`);
+  state.images.set(id, { source, url: answer.image_url,
+                         expires: Date.now() + answer.expires_in * 1000 });
+  return answer.image_url;
 }
 
 // Buttons Midjourney labels with an emoji only get a name (a screen reader, or a machine

@@ -1,0 +1,127 @@
+"""The archive's bookkeeping in Redis: which tasks' images are still to be kept, and until
+when each kept image is needed.
+
+Any number of workers share both. A task is taken with a lease (its score pushed ahead), so a
+worker that dies mid-archive leaves it to another once the lease runs out; a task archived
+twice is one transition (the script compares). An image is stored and deleted under one lock
+per image, so a sweep that finds it expired cannot delete it while an archive (of another
+task with the same bytes) is extending it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import NamedTuple
+
+from redis.asyncio import Redis
+
+from receiver.core.constants import Keys
+
+# Take a task if it is (still) due: push it a lease ahead, atomically.
+_TAKE = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if due and tonumber(due) <= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Pending(NamedTuple):
+    tenant: str
+    job_id: str
+
+
+class ArchiveQueue:
+    """The tenants' succeeded tasks whose images are still to be archived (`Keys.archive`,
+    filled by the transition script)."""
+
+    def __init__(self, redis: Redis, keys: Keys, lease: float = 120.0) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.lease_ms = int(lease * 1000)
+        self._take = redis.register_script(_TAKE)
+
+    async def take(self, tenants: Iterable[str], limit: int = 16) -> list[Pending]:
+        """Up to ``limit`` due tasks of ``tenants``, each now this worker's for a lease."""
+        tenants = list(tenants)
+        now = _ms()
+        pipe = self.redis.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.zrangebyscore(self.keys.archive(tenant), "-inf", now, start=0, num=limit)
+        taken: list[Pending] = []
+        for tenant, jobs in zip(tenants, await pipe.execute(), strict=True):
+            for job in jobs:
+                if len(taken) >= limit:
+                    return taken
+                if await self._take(keys=[self.keys.archive(tenant)],
+                                    args=[job, now, now + self.lease_ms]):
+                    taken.append(Pending(tenant, job.decode()))
+        return taken
+
+    async def attempt(self, item: Pending) -> int:
+        """Count one more attempt at the task (kept in its hash, gone with it)."""
+        return int(await self.redis.hincrby(  # type: ignore[misc]
+            self.keys.task(item.tenant, item.job_id), "ia", 1))
+
+    async def retry(self, item: Pending, delay: float) -> None:
+        """Due again in ``delay`` seconds."""
+        await self.redis.zadd(self.keys.archive(item.tenant),
+                              {item.job_id: _ms() + int(delay * 1000)}, xx=True)
+
+    async def done(self, item: Pending) -> None:
+        """Archived, or given up: off the queue."""
+        await self.redis.zrem(self.keys.archive(item.tenant), item.job_id)
+
+    async def depth(self, tenants: Iterable[str]) -> int:
+        """Tasks waiting (or being archived) over ``tenants``."""
+        pipe = self.redis.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.zcard(self.keys.archive(tenant))
+        return sum(await pipe.execute())
+
+
+class ImageLedger:
+    """Until when each kept image is needed (`Keys.images`), and the lock of each image."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def keep(self, name: str, seconds: float,
+                   store: Callable[[], Awaitable[object]]) -> None:
+        """Need ``name`` for ``seconds`` more (at least), and ``store`` it, under its lock:
+        the extension is written before the object, so a sweep never deletes it after."""
+        async with self.redis.lock(self.keys.image_lock(name), timeout=120,
+                                   blocking_timeout=30):
+            await self.redis.zadd(self.keys.images(), {name: _ms() + int(seconds * 1000)},
+                                  gt=True)
+            await store()
+
+    async def expired(self, limit: int = 100) -> list[str]:
+        """Images no task needs any more, oldest first."""
+        names = await self.redis.zrangebyscore(self.keys.images(), "-inf", _ms(),
+                                               start=0, num=limit)
+        return [name.decode() for name in names]
+
+    async def forget(self, name: str, delete: Callable[[str], Awaitable[None]]) -> bool:
+        """``delete`` the image and its entry if it is still expired (an archive may have
+        extended it meanwhile); False if it was not (or another worker holds its lock)."""
+        lock = self.redis.lock(self.keys.image_lock(name), timeout=120)
+        if not await lock.acquire(blocking=False):
+            return False
+        try:
+            until = await self.redis.zscore(self.keys.images(), name)
+            if until is None or until > _ms():
+                return False
+            await delete(name)
+            await self.redis.zrem(self.keys.images(), name)
+            return True
+        finally:
+            await lock.release()
