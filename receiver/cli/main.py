@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +166,8 @@ def serve(args: argparse.Namespace) -> int:
         log.info("no RECEIVER_SECRET_KEYS: using the key kept in %s", DATA_DIR / "secret_key")
     if not args.no_worker:
         decided["EMBEDDED_WORKER"] = "true"
-    if env_config()("IMAGE_STORE", default=None) is None:  # kept with the rest of the data
-        decided["IMAGE_STORE"] = f"file://{(DATA_DIR / 'images').resolve()}"
+    if (kept := _image_store()) is not None:
+        decided["IMAGE_STORE"] = kept
     simulator = None
     if args.simulator:
         simulator, played = _start_simulator(settings, args.simulator_step_interval, keep)
@@ -194,10 +195,13 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def worker() -> int:
-    """``receiver worker``: the dispatcher and the reconciler, against the service's Redis."""
+    """``receiver worker``: the dispatcher, the reconciler and the archiver, against the
+    service's Redis."""
     from receiver.worker.runner import run_worker
 
     settings = Settings.from_env()
+    if (kept := _image_store()) is not None:
+        settings = replace(settings, image_store=kept)
     if not settings.redis_url:
         raise SettingsError("the worker needs the service's Redis: set REDIS_URL")
     asyncio.run(run_worker(settings))
@@ -310,6 +314,14 @@ def simulate(args: argparse.Namespace) -> int:
     uvicorn.run(create_simulator(config), host=args.host, port=args.port,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def _image_store() -> str | None:
+    """IMAGE_STORE for `serve` and `worker` when it is not set: with the rest of the data
+    (RECEIVER_DATA_DIR), so the worker keeps images where the web process looks."""
+    if env_config()("IMAGE_STORE", default=None) is not None:
+        return None
+    return f"file://{(DATA_DIR / 'images').resolve()}"
 
 
 def _local_secret() -> str:

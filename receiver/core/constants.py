@@ -60,8 +60,9 @@ class Keys:
 
     def task(self, tenant: str, job_id: str) -> str:
         """Hash: the task's rank, status, provider task id and canonical values (``r``,
-        ``s``, ``p``, ``v``), the submitter's ``a``, ``b``, ``c``, ``q`` (see `store`), the
-        compacted history ``h``, ``hl`` and the archive's attempts ``ia``."""
+        ``s``, ``p``, ``v``; ``x``: `ADDED_FIELDS`), the submitter's ``a``, ``b``, ``c``,
+        ``q`` (see `store`), the compacted history ``h``, ``hl`` and the archive's attempts
+        ``ia``."""
         return f"{self.prefix}:task:{{{tenant}}}:{job_id}"
 
     def history(self, tenant: str, job_id: str) -> str:
@@ -172,6 +173,7 @@ class Keys:
 # What a field reads as before anything set it.
 FIELD_DEFAULTS: dict[str, str] = {"image_urls": "[]", "archived_image_urls": "[]",
                                   "buttons": "[]", "progress": "0"}
-# Fields added since tasks were first stored: a task written before lacks them in its values
-# (``v``), and reads them as their defaults (the script and `store.tasks.snapshot` do).
+# Fields added since tasks were first stored: kept in the task hash's ``x``, not with the
+# others in ``v``, so that a process of an earlier version (a rolling upgrade) reads and
+# writes ``v`` as it always did; a task without ``x`` reads them as their defaults.
 ADDED_FIELDS: tuple[str, ...] = ("archived_image_url", "archived_image_urls")

@@ -18,6 +18,12 @@ from redis.asyncio import Redis
 
 from receiver.core.constants import Keys
 
+# One more attempt at a task, counted in its hash while it exists (0 once it has expired:
+# a count alone would make a hash that never expires).
+_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], 'ia', 1)
+"""
 # Take a task if it is (still) due: push it a lease ahead, atomically.
 _TAKE = """
 local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -47,10 +53,18 @@ class ArchiveQueue:
         self.keys = keys
         self.lease_ms = int(lease * 1000)
         self._take = redis.register_script(_TAKE)
+        self._attempt = redis.register_script(_ATTEMPT)
+        self._first = 0  # which tenant is looked at first: each in turn
 
     async def take(self, tenants: Iterable[str], limit: int = 16) -> list[Pending]:
-        """Up to ``limit`` due tasks of ``tenants``, each now this worker's for a lease."""
+        """Up to ``limit`` due tasks of ``tenants``, each now this worker's for a lease; the
+        tenants are looked at from a different one each time, so none waits behind
+        another's backlog."""
         tenants = list(tenants)
+        if not tenants:
+            return []
+        self._first = (self._first + 1) % len(tenants)
+        tenants = tenants[self._first:] + tenants[:self._first]
         now = _ms()
         pipe = self.redis.pipeline(transaction=False)
         for tenant in tenants:
@@ -66,9 +80,9 @@ class ArchiveQueue:
         return taken
 
     async def attempt(self, item: Pending) -> int:
-        """Count one more attempt at the task (kept in its hash, gone with it)."""
-        return int(await self.redis.hincrby(  # type: ignore[misc]
-            self.keys.task(item.tenant, item.job_id), "ia", 1))
+        """Count one more attempt at the task (kept in its hash, gone with it); 0 if the
+        task has expired."""
+        return int(await self._attempt(keys=[self.keys.task(item.tenant, item.job_id)]))
 
     async def retry(self, item: Pending, delay: float) -> None:
         """Due again in ``delay`` seconds."""

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import obstore
-from obstore.exceptions import AlreadyExistsError
 from obstore.store import LocalStore, S3Store
 
 if TYPE_CHECKING:
@@ -64,11 +63,15 @@ class ImageStore:
         return f"{name[:2]}/{name}"  # a directory of 256 entries, not one of millions
 
     async def put(self, name: str, data: bytes) -> bool:
-        """Keep ``data`` as ``name``; False if it was kept already (same name, same bytes)."""
+        """Keep ``data`` as ``name``; False if it was kept already (same name, same bytes).
+        A plain PUT after a HEAD, not a conditional one: not every S3-compatible store has
+        If-None-Match, and the same name always holds the same bytes."""
         try:
-            await obstore.put_async(self._store, self._path(name), data, mode="create")
-        except AlreadyExistsError:
+            await obstore.head_async(self._store, self._path(name))
             return False
+        except FileNotFoundError:
+            pass
+        await obstore.put_async(self._store, self._path(name), data)
         return True
 
     async def open(self, name: str) -> StoredImage | None:

@@ -36,6 +36,8 @@ from receiver.store.history import HistoryCompactor
 
 # The script finds the version at the end of the stored values.
 assert TASK_FIELDS[-1] == "version"
+# The fields in `v`; the ADDED_FIELDS are in `x` (see transition.lua).
+CORE_FIELDS = tuple(f for f in TASK_FIELDS if f not in ADDED_FIELDS)
 
 # The transition script is transition.lua; this header gives it the field layout.
 _INDEX = {name: i for i, name in enumerate(TASK_FIELDS, start=1)}
@@ -46,7 +48,8 @@ _HEADER = "\n".join([
         f"'{'{' if i == 1 else ','}\"{name}\":'" for name, i in _INDEX.items()) + "}",
     "local DEFAULTS = {" + ", ".join(
         f"[{_INDEX[k]}] = '{v}'" for k, v in FIELD_DEFAULTS.items()) + "}",
-    "local ADDED = {" + ", ".join(f"[{_INDEX[k]}] = true" for k in ADDED_FIELDS) + "}",
+    "local CORE = {" + ", ".join(str(_INDEX[k]) for k in CORE_FIELDS) + "}",
+    "local EXTRA = {" + ", ".join(str(_INDEX[k]) for k in ADDED_FIELDS) + "}",
     f"local CREATED_AT, UPDATED_AT = {_INDEX['created_at']}, {_INDEX['updated_at']}",
     f"local IMAGE_URL, IMAGE_URLS = {_INDEX['image_url']}, {_INDEX['image_urls']}",
     f"local INFERRED = {RANK_INFERRED_FAILURE}",
@@ -298,8 +301,9 @@ class TaskStore:
 
     async def get(self, tenant: str, job_id: str) -> bytes | None:
         """The task's snapshot JSON, or None."""
-        values = await self.redis.hget(self.keys.task(tenant, job_id), "v")  # type: ignore[misc]
-        return snapshot(values)
+        values, extra = await self.redis.hmget(  # type: ignore[misc]
+            self.keys.task(tenant, job_id), SNAPSHOT_FIELDS)
+        return snapshot(values, extra)
 
     async def list(
         self, tenant: str, status: TaskStatus | None, limit: int, cursor: str | None,
@@ -316,10 +320,10 @@ class TaskStore:
                 break
             pipe = self.redis.pipeline(transaction=False)
             for job in ids:
-                pipe.hget(self.keys.task(tenant, job.decode()), "v")
+                pipe.hmget(self.keys.task(tenant, job.decode()), SNAPSHOT_FIELDS)
             expired = []
-            for job, values in zip(ids, await pipe.execute(), strict=True):
-                task = snapshot(values)
+            for job, (values, extra) in zip(ids, await pipe.execute(), strict=True):
+                task = snapshot(values, extra)
                 if task is None:
                     expired.append(job)
                 else:
@@ -361,17 +365,21 @@ def redact_tokens(raw: bytes) -> bytes:
     return b"".join(out)
 
 
-def snapshot(values: bytes | None) -> bytes | None:
-    """The stored NUL-joined values -> the task's JSON."""
+# What a snapshot is made of: the task hash's `v` and `x` (`snapshot`'s arguments).
+SNAPSHOT_FIELDS = ["v", "x"]
+
+
+def snapshot(values: bytes | None, extra: bytes | None = None) -> bytes | None:
+    """The stored NUL-joined values (`v`, and `x`: the ADDED_FIELDS', their defaults if a
+    task has none) -> the task's JSON."""
     if values is None:
         return None
-    parts = values.split(b"\0")
-    if len(parts) < len(_FIELD_NAMES):  # stored before ADDED_FIELDS: they read as defaults
-        given = iter(parts)
-        parts = [_ADDED[name] if name in _ADDED else next(given) for name in TASK_FIELDS]
+    core = iter(values.split(b"\0"))
+    added = iter(extra.split(b"\0") if extra is not None else _ADDED_DEFAULTS)
     return b"{" + b",".join(
-        b'"%s":%s' % (name, value) for name, value in zip(_FIELD_NAMES, parts, strict=True)
-    ) + b"}"
+        b'"%s":%s' % (name, next(added) if name in _ADDED else next(core))
+        for name in _FIELD_NAMES) + b"}"
 
 
-_ADDED = {name: FIELD_DEFAULTS.get(name, "null").encode() for name in ADDED_FIELDS}
+_ADDED = frozenset(name.encode() for name in ADDED_FIELDS)
+_ADDED_DEFAULTS = [FIELD_DEFAULTS.get(name, "null").encode() for name in ADDED_FIELDS]

@@ -1,7 +1,7 @@
 -- The transition script (see store/tasks.py and ARCHITECTURE.md): one atomic, idempotent,
 -- monotonic transition of a task. store.TRANSITION is this file after a header that Python
 -- writes from core.constants.TASK_FIELDS: N (the field count), NAMES (the snapshot's key
--- texts), DEFAULTS, ADDED (the fields a task stored before them lacks), CREATED_AT,
+-- texts), DEFAULTS, CORE and EXTRA (the field indexes kept in `v` and in `x`), CREATED_AT,
 -- UPDATED_AT, IMAGE_URL and IMAGE_URLS (field indexes), INFERRED (an inferred failure's
 -- rank); and from TransitionKeys: STATUS_INDEX, ARCHIVE and CLAIM (positions in KEYS).
 --
@@ -22,11 +22,14 @@
 -- the task's images: a SUCCESS gains its archived URLs, the only change after a final).
 local op, new_rank, status, kind, ptid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 
--- r: rank, s: status, p: provider task id, v: the N field values (JSON texts) joined by NUL,
--- a byte JSON text never holds. The submitter's tasks also have a: the provider account,
+-- r: rank, s: status, p: provider task id, v: the CORE field values (JSON texts) joined by
+-- NUL, a byte JSON text never holds, and x: the EXTRA ones (fields added later, kept apart so
+-- that a process of an earlier version, during a rolling upgrade, reads and writes `v` as it
+-- always did; a task without `x` has their defaults). The submitter's tasks also have a: the
+-- provider account,
 -- b: billing (ledger counter prefix NUL amount NUL refunds 0|1), c: charged ('1') or
 -- charged and refunded ('2'), q: the request to send.
-local cur = redis.call('HMGET', KEYS[1], 'r', 's', 'p', 'v', 'c', 'a')
+local cur = redis.call('HMGET', KEYS[1], 'r', 's', 'p', 'v', 'c', 'a', 'x')
 local exists = cur[1] ~= false
 -- A provider task id binds a task only with its claim (see claims.py): held by the caller
 -- (ARGV[18]), or taken here when its key is given (KEYS[CLAIM], a single Redis), else `unclaimed`
@@ -69,20 +72,17 @@ if exists then
       redis.call('HSET', KEYS[1], 'c', charged)
     end
   end
-  local stored, pos, count = cur[4], 1, 0
-  while true do  -- plain find (memchr): pattern matching costs more
-    local e = string.find(stored, '\0', pos, true)
-    count = count + 1
-    if not e then vals[count] = string.sub(stored, pos); break end
-    vals[count] = string.sub(stored, pos, e - 1); pos = e + 1
-  end
-  if count < N then  -- stored before the ADDED fields existed: they take their defaults
-    local old, j = vals, 1
-    vals = {}
-    for i = 1, N do
-      if ADDED[i] then vals[i] = DEFAULTS[i] or 'null' else vals[i] = old[j]; j = j + 1 end
+  local function split(text, at)  -- the k-th value of `text` is field at[k]
+    local pos = 1
+    for k = 1, #at - 1 do  -- plain find (memchr): pattern matching costs more
+      local e = string.find(text, '\0', pos, true)
+      vals[at[k]] = string.sub(text, pos, e - 1); pos = e + 1
     end
+    vals[at[#at]] = string.sub(text, pos)
   end
+  split(cur[4], CORE)
+  if cur[7] then split(cur[7], EXTRA)
+  else for _, i in ipairs(EXTRA) do vals[i] = DEFAULTS[i] or 'null' end end
   local cur_rank = tonumber(cur[1])
   if op == 'archive' then
     if cur[2] ~= 'SUCCESS' then return {'stale', vals[N]} end
@@ -164,11 +164,16 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], id, 'event', kind, 'data', 
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[11], id,
   'event', kind, 'data', data, 'raw', ARGV[6])
 redis.call('SET', KEYS[4], id)
-local stored = table.concat(vals, '\0')
+local function join(at)
+  local t = {}
+  for k, i in ipairs(at) do t[k] = vals[i] end
+  return table.concat(t, '\0')
+end
+local stored, extra = join(CORE), join(EXTRA)
 if ptid ~= '' then
-  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'p', ptid, 'v', stored)
+  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'p', ptid, 'v', stored, 'x', extra)
 else
-  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored)
+  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored, 'x', extra)
 end
 if op == 'create' and #ARGV > 24 then  -- the submitter's control fields
   redis.call('HSET', KEYS[1], unpack(ARGV, 25))
@@ -188,6 +193,9 @@ end
 if not exists or (new_rank >= INFERRED and op ~= 'archive') then
   redis.call('EXPIRE', KEYS[1], ARGV[12])
   redis.call('EXPIRE', KEYS[2], ARGV[12])
+elseif op == 'archive' then  -- a compacted history's stream starts again: it goes with the task
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
 -- Indexes: all tasks (KEYS[5]) and one per status (KEYS[STATUS_INDEX[status]]).
 if not exists then redis.call('ZADD', KEYS[5], 0, ARGV[8]) end

@@ -11,7 +11,6 @@ from receiver.core.docs import (
     RETRY_AFTER,
     TASK_QUOTA,
     TENANT_ERRORS,
-    UNAVAILABLE,
     WWW_AUTHENTICATE,
     Answer,
     Operation,
@@ -128,7 +127,8 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
             404: error("task_not_found: no such task for this tenant; image_not_found: the "
                        "task has no such archived image, the token is another task's, or "
                        "the image is no longer kept"),
-            **UNAVAILABLE,
+            503: error("store_unavailable: Redis did not answer; image_store_unavailable: "
+                       "IMAGE_STORE did not (retry after Retry-After)", RETRY_AFTER),
         })},
     "/tasks/{job_id}/cancel": {"post": Operation(
         "Cancel a task: one still in our queue is CANCEL at once and never sent; a sent one "

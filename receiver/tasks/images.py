@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from obstore.exceptions import BaseError as StoreError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from receiver.core.constants import JOB_ID_RE
-from receiver.core.errors import NotFound
+from receiver.core.errors import NotFound, ReceiverError
 from receiver.images import NAME_RE
 from receiver.services.auth import authenticate
 from receiver.services.container import services
@@ -26,6 +27,16 @@ from receiver.services.http import JSONResponse, task_or_404
 
 class ImageNotFound(NotFound):
     code = "image_not_found"
+
+
+class ImageStoreUnavailable(ReceiverError):
+    """IMAGE_STORE did not answer (a bucket unreachable, a directory unreadable)."""
+
+    status_code = 503
+    code = "image_store_unavailable"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "5"}
 
 
 def archived(task: dict[str, Any]) -> list[str]:
@@ -39,7 +50,7 @@ async def get_image(request: Request) -> Response:
     svc = services(request)
     job_id, name = request.path_params["job_id"], request.path_params["name"]
     token = request.query_params.get("token")
-    if token is not None:
+    if token:  # (empty: as if absent, as on the event routes)
         tenant, task_id = svc.signer.verify_image(token)
         if task_id != job_id:
             raise ImageNotFound("the token is for another task's images")
@@ -56,7 +67,11 @@ async def get_image(request: Request) -> Response:
                "Content-Security-Policy": "default-src 'none'; sandbox"}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
-    image = await svc.images.open(name) if svc.images is not None else None
+    try:
+        image = await svc.images.open(name) if svc.images is not None else None
+    except (StoreError, OSError) as exc:
+        raise ImageStoreUnavailable(f"the image store did not answer ({type(exc).__name__})"
+                                    ) from exc
     if image is None:
         raise ImageNotFound(f"image {name} is no longer kept")
     headers["Content-Length"] = str(image.size)

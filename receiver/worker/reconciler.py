@@ -31,7 +31,7 @@ from receiver.core.settings import ProviderAccount
 from receiver.core.tokens import CallbackClaims
 from receiver.services.container import Services
 from receiver.store.admission import Member
-from receiver.store.tasks import snapshot
+from receiver.store.tasks import SNAPSHOT_FIELDS, snapshot
 
 log = logging.getLogger("receiver.worker.reconciler")
 POLL_TIMEOUT = 10.0
@@ -96,11 +96,12 @@ class Reconciler:
         store = self.svc.store
         async with self.svc.redis.pipeline(transaction=False) as pipe:
             for member, _ in held:
-                pipe.hmget(store.keys.task(member.tenant, member.job_id), ["r", "v"])
+                pipe.hmget(store.keys.task(member.tenant, member.job_id),
+                           ["r", *SNAPSHOT_FIELDS])
             replies = await pipe.execute()
         out: list[dict[str, Any] | None] = []
-        for rank_, values in replies:
-            task = snapshot(values)
+        for rank_, values, extra in replies:
+            task = snapshot(values, extra)
             out.append(None if task is None else {**orjson.loads(task), "_rank": int(rank_)})
         return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import ipaddress
 import shutil
 import ssl
@@ -241,6 +242,7 @@ def test_loopback_not_allowed_is_refused_without_a_connection(form: str) -> None
     (["0.0.0.0"], "unspecified"),
     (["224.0.0.1"], "multicast"),
     (["100.64.0.1"], "not globally routable"),
+    (["fec0::1"], "site-local"),  # deprecated, still routed inside some networks
     (["93.184.216.34", "10.0.0.1"], "resolves to 10.0.0.1"),  # ANY address refuses
 ])
 def test_a_name_resolving_to_a_non_public_address_is_refused_without_connecting(
@@ -434,6 +436,23 @@ def test_answers_that_are_not_an_image_are_refused(body: bytes, content_type: st
         async with Server(answer) as server:
             detail = await refusal(image_data_url(f"http://{server.host}/", allow(server.host)))
             assert expected in detail
+    run(scenario())
+
+
+def test_an_octet_stream_that_is_an_image_is_taken_and_a_compressed_answer_is_not() -> None:
+    async def answer(path: str, writer: asyncio.StreamWriter) -> None:
+        if path == "/gzip":
+            await respond(writer, gzip.compress(PNG), headers={"Content-Encoding": "gzip"})
+        else:  # what object stores often send
+            await respond(writer, PNG, content_type="application/octet-stream")
+
+    async def scenario() -> None:
+        async with Server(answer) as server:
+            base = f"http://{server.host}"
+            assert await fetch_image(f"{base}/s3", allow(server.host)) == (PNG, "image/png")
+            detail = await refusal(fetch_image(f"{base}/gzip", allow(server.host)))
+            assert "a gzip-encoded answer is refused" in detail
+            assert [h.get("accept-encoding") for _, h in server.requests] == ["identity"] * 2
     run(scenario())
 
 

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver.images import ImageStore
+from receiver.images import ImageStore, image_name
 from receiver.services.container import Services
 from receiver.simulator._http import _png
 from receiver.worker.archiver import Archiver
@@ -92,6 +92,7 @@ def test_a_success_image_outlives_its_provider_and_only_its_tenant_reads_it(
         assert got.headers["cache-control"] == "private, max-age=31536000, immutable"
         assert [acme.get(u).content for u in archived["archived_image_urls"]] == sources[1:]
         assert acme.get(url, headers={"If-None-Match": got.headers["etag"]}).status_code == 304
+        assert acme.get(f"{url}?token=").status_code == 200  # an empty token: none given
 
         # another tenant, nobody, a name the task does not have
         refused = beta.get(url)
@@ -109,7 +110,10 @@ def test_a_success_image_outlives_its_provider_and_only_its_tenant_reads_it(
         token = signed["image_url"].partition("?")[2]
         assert httpx.get(f"{receiver.url}/images/{job_b}/{other_name}?{token}").json()[
             "error"] == "image_not_found"
-        forged = httpx.get(f"{url}?token={token[6:-1]}x")
+        value = token.removeprefix("token=")
+        middle = len(value) - 10  # in the signature, clear of base64's spare bits at the end
+        flipped = "A" if value[middle] != "A" else "B"
+        forged = httpx.get(f"{url}?token={value[:middle]}{flipped}{value[middle + 1:]}")
         assert forged.status_code == 401 and forged.json()["error"] == "invalid_token"
         assert beta.get(f"/tasks/{task['id']}/images").status_code == 404
 
@@ -271,3 +275,73 @@ def test_the_archive_works_on_a_redis_cluster(
         assert not cluster.zcard(KEYS.archive("acme")) and not cluster.zcard(KEYS.archive("beta"))
     finally:
         cluster.close()
+
+
+class GatedCdn:
+    """An image host: ``/slow/*`` answers only once the test opens the gate; every request
+    is counted by path."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.gate = asyncio.Event()
+        self.server = LiveServer(app=Starlette(routes=[Route("/{kind}/{name}", self.image)]))
+
+    async def image(self, request: Request) -> Response:
+        self.paths.append(request.url.path)
+        if request.path_params["kind"] == "slow":
+            self.loop = asyncio.get_running_loop()
+            await self.gate.wait()
+        return Response(_png(rgb=request.url.path.encode()[-3:]), media_type="image/png")
+
+
+def test_one_slow_task_holds_up_no_other_and_a_task_fetches_eight_images_at_most(
+        stack: Stack, r: redis.Redis, tmp_path: Path) -> None:
+    cdn = GatedCdn()
+    cdn.server.start()
+    try:
+        receiver, _ = stack(image_store=f"file://{tmp_path}",
+                            fetch_allow_hosts=(f"127.0.0.1:{cdn.server.port}",))
+        with receiver.client("key-acme") as acme:
+            slow, slow_url = mint(acme)
+            success(slow_url, f"{cdn.server.url}/slow/grid.png", "slow-1", acme)
+            deadline = time.monotonic() + 10
+            while "/slow/grid.png" not in cdn.paths:  # the archiver is stuck in it
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            many, many_url = mint(acme)
+            success(many_url, f"{cdn.server.url}/fast/grid.png", "many-1", acme,
+                    image_urls=[f"{cdn.server.url}/fast/{n}.png" for n in range(20)])
+            archived = wait_archived(acme, many)  # while the slow one still waits
+            assert acme.get(f"/tasks/{slow}").json()["archived_image_url"] is None
+            fast = [p for p in cdn.paths if p.startswith("/fast/")]
+            assert len(fast) == 8  # the grid and the first seven of its list
+            kept = archived["archived_image_urls"]  # the grid (listed first), its first 7
+            assert len(kept) == 21 and None not in kept[:8] and kept[8:] == [None] * 13
+            cdn.loop.call_soon_threadsafe(cdn.gate.set)
+            assert wait_archived(acme, slow)["archived_image_url"]
+    finally:
+        cdn.server.stop()
+
+
+def test_a_sweep_goes_on_until_no_expired_image_is_left(
+        stack: Stack, r: redis.Redis, tmp_path: Path) -> None:
+    receiver, _ = stack(image_store=f"file://{tmp_path}")
+    store = ImageStore(f"file://{tmp_path}")
+    names = []
+    for n in range(5):
+        png = _png(rgb=bytes([n, n, n]))
+        names.append(image_name(png, "image/png"))
+        asyncio.run(store.put(names[-1], png))
+        r.zadd(KEYS.images(), {names[-1]: n})  # long expired
+
+    async def sweep() -> int:
+        svc = Services.build(replace(receiver.settings))
+        await svc.start()
+        try:
+            assert svc.images is not None
+            return await Archiver(svc, svc.images).sweep(batch=2)
+        finally:
+            await svc.close()
+
+    assert asyncio.run(sweep()) == 5
+    assert not list(tmp_path.glob("*/*.png")) and r.zcard(KEYS.images()) == 0

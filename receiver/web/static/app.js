@@ -275,9 +275,12 @@ async function signedImage(id, source) {
   const known = state.images.get(id);
   if (known && known.source === source && known.expires > Date.now() + 60_000) return known.url;
   const answer = await api(`/tasks/${encodeURIComponent(id)}/images`);
-  state.images.set(id, { source, url: answer.image_url,
-                         expires: Date.now() + answer.expires_in * 1000 });
-  return answer.image_url;
+  // the path on this page's own origin: the URL names the service as PUBLIC_BASE_URL (or the
+  // worker) does, which may be another name for it (localhost, 127.0.0.1, an inner host)
+  const signed = new URL(answer.image_url);
+  const url = signed.pathname + signed.search;
+  state.images.set(id, { source, url, expires: Date.now() + answer.expires_in * 1000 });
+  return url;
 }
 
 // Buttons Midjourney labels with an emoji only get a name (a screen reader, or a machine
