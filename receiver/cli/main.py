@@ -280,7 +280,7 @@ def _start_simulator(settings: Settings, step_interval: float, keep: tuple[int, 
     except BaseException:  # also Ctrl-C while waiting: no child is left behind
         stop(child)
         raise
-    played = [p for p in PROVIDERS if p not in settings.accounts]
+    played = [p for p in PROVIDERS if p not in settings.pools()]
     variables = {"DEFAULT_PROVIDER": os.environ.get("DEFAULT_PROVIDER", "mjproxy")}
     for provider in played:
         variables[f"{provider.upper()}_BASE_URL"] = url

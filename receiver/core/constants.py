@@ -102,41 +102,53 @@ class Keys:
         No hash tag: claims spread over a cluster's slots."""
         return f"{self.prefix}:claim:{provider}:{provider_task_id}"
 
-    # A provider account's keys share the account as hash tag: the admission script touches
-    # its queue and its slots together.
+    # A pool (a provider's accounts, named by the provider) keeps its keys under one hash
+    # tag, the pool's: the admission script reads the queues and every account's slots,
+    # counts and health together. Before pools there was one account per provider, named
+    # as the provider: an account named as its pool has the names it had then.
 
-    def queue(self, account: str, tenant: str) -> str:
-        """Sorted set: the tenant's ``tenant/job`` waiting for a slot of the account
-        (NOT_START), scored by the job's creation ms (its id's first 12 hex digits)."""
-        return f"{self.prefix}:queue:{{acct:{account}}}:{tenant}"
+    def _of(self, kind: str, account: str, pool: str | None) -> str:
+        base = f"{self.prefix}:{kind}:{{acct:{pool or account}}}"
+        return base if pool is None or account == pool else f"{base}:{account}"
 
-    def turns(self, account: str) -> str:
-        """Sorted set: the tenants with tasks waiting for the account, scored by their turn
+    def queue(self, pool: str, tenant: str) -> str:
+        """Sorted set: the tenant's ``tenant/job`` waiting for a slot of one of the pool's
+        accounts (NOT_START), scored by the job's creation ms (its id's first 12 hex)."""
+        return f"{self.prefix}:queue:{{acct:{pool}}}:{tenant}"
+
+    def routes(self, pool: str) -> str:
+        """Hash: ``tenant/job`` -> ``mode\taffinity``, what restricts the accounts that may
+        take a queued task (its mode; its parent's account); none: any account."""
+        return f"{self.prefix}:route:{{acct:{pool}}}"
+
+    def turns(self, pool: str) -> str:
+        """Sorted set: the tenants with tasks waiting for the pool, scored by their turn
         (the lowest is served next; a tenant served goes behind the others)."""
-        return f"{self.prefix}:turns:{{acct:{account}}}"
+        return f"{self.prefix}:turns:{{acct:{pool}}}"
 
-    def turn(self, account: str) -> str:
-        """String: the account's turn counter (one more at every task sent)."""
-        return f"{self.prefix}:turn:{{acct:{account}}}"
+    def turn(self, pool: str) -> str:
+        """String: the pool's turn counter (one more at every task sent)."""
+        return f"{self.prefix}:turn:{{acct:{pool}}}"
 
-    def health(self, account: str) -> str:
+    def health(self, account: str, pool: str | None = None) -> str:
         """Hash: what the dispatchers saw of the account: ``sent`` (tasks the provider
-        accepted), ``paused_until`` (ms), ``last_error`` and ``last_error_at``."""
-        return f"{self.prefix}:health:{{acct:{account}}}"
+        accepted), ``paused_until`` (ms: no task is sent to it before), ``pause`` (its
+        length, s: it doubles), ``last_error`` and ``last_error_at``."""
+        return self._of("health", account, pool)
 
-    def in_flight(self, account: str) -> str:
+    def in_flight(self, account: str, pool: str | None = None) -> str:
         """Hash: tenant -> the account's slots it holds (for ``TENANT_MAX_IN_FLIGHT``)."""
-        return f"{self.prefix}:inflight:{{acct:{account}}}"
+        return self._of("inflight", account, pool)
 
-    def legacy_queue(self, account: str) -> str:
+    def legacy_queue(self, pool: str) -> str:
         """Sorted set: the one queue of every tenant, before queues were per tenant; still
         drained first, so that an upgrade strands no queued task."""
-        return f"{self.prefix}:queue:{{acct:{account}}}"
+        return f"{self.prefix}:queue:{{acct:{pool}}}"
 
-    def slots(self, account: str) -> str:
+    def slots(self, account: str, pool: str | None = None) -> str:
         """Sorted set: ``tenant/job`` sent to the provider and not yet seen final, scored by
         dispatch ms. Its size is the account's unfinished tasks; the reconciler watches it."""
-        return f"{self.prefix}:slots:{{acct:{account}}}"
+        return self._of("slots", account, pool)
 
     def inferred(self, account: str) -> str:
         """Sorted set: tasks we failed as timed out, still polled a while for a late final."""

@@ -12,36 +12,18 @@ from typing import Any
 from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings, Secret
 
+from receiver.core.accounts import (
+    MJPROXY_FLAVORS,
+    PROVIDERS,
+    ProviderAccount,
+    SettingsError,
+    read_accounts,
+)
 from receiver.core.constants import DEFAULT_PREFIX, TENANT_RE
 
+__all__ = ["MJPROXY_FLAVORS", "PROVIDERS", "ProviderAccount", "Settings", "SettingsError"]
+
 DEFAULT_TENANT = "default"
-MJPROXY_FLAVORS = ("trueai", "novicezk")  # midjourney-proxy's two API generations
-PROVIDERS = ("mjproxy", "ohmygpt", "aigc2d")
-
-
-@dataclass(frozen=True)
-class ProviderAccount:
-    """One provider account the submitter sends tasks to (``<PROVIDER>_BASE_URL`` and
-    ``_API_KEY``); ``queue_limit`` is its unfinished tasks at most (the seeds' tiers: 3, 20,
-    50)."""
-
-    provider: str
-    base_url: str
-    api_key: Secret
-    queue_limit: int = 3
-    # mjproxy only: ``mj-api-secret``, or ``Authorization`` (sent the raw key, which trueai
-    # compares whole); and the API generation: ``trueai`` (and plus) or ``novicezk``
-    auth_header: str = "mj-api-secret"
-    flavor: str = "trueai"
-
-    @property
-    def name(self) -> str:
-        """The account's name in Redis keys and the admission channel."""
-        return self.provider
-
-
-class SettingsError(ValueError):
-    """A setting that cannot be used as given."""
 
 
 def setting(default: Any, env: str | None = None,
@@ -137,9 +119,10 @@ class Settings:
     sse_retry_ms: int = setting(2000)
     sse_send_timeout: float = setting(30.0)
     sse_snapshot_limit: int = setting(200)
-    # The submitter: accounts by provider, the provider POST /tasks uses when none is named,
-    # a prices file replacing the seeds' tables.
+    # The submitter: accounts by name (ACCOUNTS_FILE's, and the <PROVIDER>_* variables'),
+    # the provider POST /tasks uses when none is named, a prices file replacing the seeds'.
     accounts: dict[str, ProviderAccount] = field(default_factory=dict)
+    accounts_file: str | None = setting(None)
     default_provider: str | None = setting(None)
     prices_file: str | None = setting(None)
     # The reconciler: poll a task after this long without an update; fail it (inferred) after
@@ -245,13 +228,22 @@ class Settings:
         host = f"[{host}]" if ":" in host else host  # an IPv6 address
         return (self.public_base_url or f"http://{host}:{self.port}").rstrip("/")
 
+    def pools(self) -> dict[str, list[ProviderAccount]]:
+        """The enabled accounts by provider, in the order they were given."""
+        pools: dict[str, list[ProviderAccount]] = {}
+        for account in self.accounts.values():
+            if account.enabled:
+                pools.setdefault(account.provider, []).append(account)
+        return pools
+
     def provider_for(self, provider: str | None) -> str | None:
         """The provider named, else the default, else the only one configured."""
         if provider:
             return provider
         if self.default_provider:
             return self.default_provider
-        return next(iter(self.accounts)) if len(self.accounts) == 1 else None
+        pools = self.pools()
+        return next(iter(pools)) if len(pools) == 1 else None
 
     def signing_keys(self) -> list[str]:
         """The secret keys as itsdangerous wants them; an ephemeral one if none is set."""
@@ -284,28 +276,6 @@ def parse_api_keys(pairs: Iterable[str]) -> dict[str, str]:
             raise SettingsError("RECEIVER_API_KEYS gives the same key to two tenants")
         out[key] = tenant
     return out
-
-
-def read_accounts(config: Config) -> dict[str, ProviderAccount]:
-    """The provider accounts whose ``<PROVIDER>_BASE_URL`` is set."""
-    accounts = {}
-    for provider in PROVIDERS:
-        env = provider.upper()
-        base_url = config(f"{env}_BASE_URL", default=None)
-        if not base_url:
-            continue
-        limit = config(f"{env}_QUEUE_LIMIT", cast=int, default=3)
-        if limit < 1:
-            raise SettingsError(f"{env}_QUEUE_LIMIT must be 1 or more")
-        flavor = config(f"{env}_FLAVOR", default="trueai").strip().lower()
-        if provider == "mjproxy" and flavor not in MJPROXY_FLAVORS:
-            raise SettingsError(f"MJPROXY_FLAVOR is one of {', '.join(MJPROXY_FLAVORS)}, "
-                                f"not {flavor!r}")
-        accounts[provider] = ProviderAccount(
-            provider, base_url, Secret(config(f"{env}_API_KEY", default="")), limit,
-            config(f"{env}_AUTH_HEADER", default="mj-api-secret"), flavor,
-        )
-    return accounts
 
 
 # What an s3:// IMAGE_STORE reads (as the AWS CLI and SDKs do); AWS_ENDPOINT_URL names a

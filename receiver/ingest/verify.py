@@ -18,9 +18,10 @@ VERIFY_TIMEOUT = 5.0  # the provider waits for our answer; then the reconciler a
 async def verify(svc: Services, claims: CallbackClaims, update: Update) -> Update | None:
     """What to store for a callback that claims SUCCESS (``VERIFY_FINAL``): the provider's own
     answer when polled, or None when it cannot be asked now (the reconciler asks later)."""
-    client = svc.clients.get(claims.provider)
     stored, account = await svc.redis.hmget(  # type: ignore[misc]
         svc.store.keys.task(claims.tenant, claims.job_id), ["p", "a"])
+    # the account that sent it: the provider knows the task under that key only
+    client = svc.clients.get(account.decode()) if account is not None else None
     if client is None or account is None:
         return update  # submitted elsewhere: our key cannot ask about it
     if stored is None:

@@ -65,8 +65,8 @@ class Metrics:
             "receiver_images_expired", "Kept images deleted once no task needed them",
             registry=r)
         self.queue_depth = Gauge(
-            "receiver_admission_queue_depth", "Tasks waiting for a slot, per account",
-            ["account"], registry=r)
+            "receiver_admission_queue_depth", "Tasks waiting for a slot, per pool (a "
+            "provider's accounts)", ["account"], registry=r)
         self.slots_in_use = Gauge(
             "receiver_admission_slots_in_use", "Tasks sent and not yet final, per account",
             ["account"], registry=r)

@@ -99,6 +99,9 @@ class SimulatorConfig:
     # first task's id; v2.6.2 (March 2024) removed the check. False plays v2.6.2+.
     novicezk_upscale_exists: bool = True
     public_url: str | None = None  # what image URLs start with; else the request's base URL
+    # mjproxy: the keys it takes (empty: any), as its ApiAuthorizeInterceptor (novicezk) and
+    # WorkContext (trueai) compare them; another key is a 401 with an empty body
+    api_keys: tuple[str, ...] = ()
     callback_timeout: float = 5.0
     max_connections: int = 100
 

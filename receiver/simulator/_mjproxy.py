@@ -120,6 +120,9 @@ def gate(request: Request, route: str) -> tuple[Simulator, str, str] | Response:
         if flavor == "trueai":  # SimpleAuthMiddleware writes a text body
             return Response("Authorization header missing.", 401, media_type="text/plain")
         return empty(401)  # ApiAuthorizeInterceptor: the status only
+    if sim.config.api_keys and account not in sim.config.api_keys:
+        sim.hit("mjproxy", "refused_key")
+        return empty(401)
     sim.hit("mjproxy", route)
     return sim, flavor, account
 

@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from receiver.core.errors import BadRequest, Conflict
 from receiver.core.models import TaskStatus, Update, new_job_id
+from receiver.core.settings import ProviderAccount
 from receiver.core.tokens import CallbackClaims
 from receiver.providers import (
     ACTIONS,
@@ -54,6 +55,10 @@ class ParentNotSubmittedHere(Conflict):
     code = "parent_not_submitted_here"
 
 
+class ParentAccountGone(Conflict):
+    code = "parent_account_gone"
+
+
 async def create_task(request: Request) -> Response:
     """``POST /tasks``: the task recorded and queued (202), within SUBMIT_RATE."""
     tenant = authenticate(request)
@@ -70,12 +75,23 @@ async def list_providers(request: Request) -> Response:
     settings = svc.settings
     return JSONResponse({
         "default": settings.provider_for(None),
-        "providers": [{"name": name, "modes": list(svc.clients[name].modes),
-                       "flavor": account.flavor if name == "mjproxy" else None,
+        "providers": [{"name": name, "modes": pool_modes(svc, accounts),
+                       "flavor": accounts[0].flavor if name == "mjproxy" else None,
                        "default_mode": DEFAULT_MODE.get(name),
-                       "queue_limit": account.queue_limit}
-                      for name, account in settings.accounts.items()],
+                       "queue_limit": sum(a.queue_limit for a in accounts),
+                       "accounts": len(accounts)}
+                      for name, accounts in settings.pools().items()],
     })
+
+
+def pool_modes(svc: Services, accounts: list[ProviderAccount]) -> list[str]:
+    """The modes some account of a pool serves (its own list, else its provider's)."""
+    modes: dict[str, None] = {}
+    for account in accounts:
+        offered = svc.clients[account.name].modes
+        modes.update(dict.fromkeys(m for m in offered if not account.modes
+                                   or m in account.modes))
+    return list(modes)
 
 
 async def get_usage(request: Request) -> Response:
@@ -89,17 +105,19 @@ async def get_usage(request: Request) -> Response:
 async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
     """Record the task (NOT_START) and queue it; returns its snapshot JSON."""
     provider = svc.settings.provider_for(_clean(new.provider))
-    if provider is None or provider not in svc.settings.accounts:
-        configured = sorted(svc.settings.accounts) or "none"
+    pools = svc.settings.pools()
+    if provider is None or provider not in pools:
+        configured = sorted(pools) or "none"
         raise BadRequest(f"'provider' must be a configured provider (configured: {configured})")
-    account = svc.settings.accounts[provider]
-    client = svc.clients[provider]
+    pool = pools[provider]
+    client = svc.clients[pool[0].name]  # what the provider's API takes: one for the pool
     action = (_clean(new.action) or "").upper() or None
     mode = (_clean(new.mode) or "").upper() or None
-    if mode is not None and mode not in client.modes:
-        offered = ", ".join(client.modes) or "no modes"
-        flavor = f" ({account.flavor})" if provider == "mjproxy" else ""
+    if mode is not None and mode not in pool_modes(svc, pool):
+        offered = ", ".join(pool_modes(svc, pool)) or "no modes"
+        flavor = f" ({pool[0].flavor})" if provider == "mjproxy" else ""
         raise BadRequest(f"{provider}{flavor} has {offered}, not {mode!r}")
+    affinity = None
     prompt, images, mask, index = _clean(new.prompt), new.images or [], _clean(new.mask), new.index
     dimensions = (_clean(new.dimensions) or "").upper() or None
     if dimensions is not None and dimensions not in DIMENSIONS:
@@ -130,6 +148,7 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
                 f"the parent ran in {ran} mode; its actions must too (the provider's "
                 f"{ran} and {mode} pools are separate)", provider)
         mode, parent_ptid = parent["mode"], parent["provider_task_id"]
+        affinity = await _parent_account(svc, tenant, parent_id, pool)
         action, custom_id = _button(parent, action, _clean(new.custom_id)
                                     or _clean(new.button), index, provider)
     if action not in ACTIONS:
@@ -155,7 +174,8 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
     claims = CallbackClaims(new_job_id(), tenant, provider)
     request = SubmitRequest(action, prompt, images, parent_ptid, custom_id, index, mode,
                             dimensions, mask)
-    control = {"a": account.name.encode(), "q": orjson.dumps(asdict(request))}
+    # `a`: the pool until a dispatcher sends it, then the account that did
+    control = {"a": provider.encode(), "q": orjson.dumps(asdict(request))}
     price = svc.prices.price(provider, mode, action)
     cost = None
     if price is not None:
@@ -167,7 +187,7 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
         parent_id=parent_id, cost=cost)
     assert outcome.data is not None  # a fresh job id cannot exist already
     try:
-        await svc.admission.enqueue(account.name, Member(tenant, claims.job_id))
+        await svc.admission.enqueue(provider, Member(tenant, claims.job_id), mode, affinity)
     except RedisError:
         # Answered 503 (the client submits again, as a new task): this record must not
         # wait at NOT_START forever, so it ends now if Redis lets it.
@@ -176,6 +196,20 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
                 TaskStatus.FAILURE, fail_reason="not queued (Redis failed); never sent"))
         raise
     return outcome.data
+
+
+async def _parent_account(svc: Services, tenant: str, parent_id: str,
+                          pool: list[ProviderAccount]) -> str:
+    """The account that ran the parent: the only one whose provider knows it."""
+    sent_by = await svc.redis.hget(  # type: ignore[misc]
+        svc.store.keys.task(tenant, parent_id), "a")
+    name = sent_by.decode() if sent_by else ""
+    if name not in {a.name for a in pool}:
+        state = "disabled" if name in svc.settings.accounts else "no longer configured"
+        raise ParentAccountGone(
+            f"the parent was made by account {name!r}, which is {state}: an action goes to "
+            "the account that made its parent (no other knows it), so it cannot be sent")
+    return name
 
 
 def _button(parent: dict[str, Any], action: str | None, button: str | None,
@@ -257,7 +291,7 @@ async def cancel(svc: Services, tenant: str, task: dict[str, Any]) -> bytes:
     account = await svc.redis.hget(svc.store.keys.task(tenant, job_id), "a")  # type: ignore[misc]
     ptid = task["provider_task_id"]
     if status is TaskStatus.NOT_START and ptid is None:
-        if account is None or not await svc.admission.withdraw(account.decode(),
+        if account is None or not await svc.admission.withdraw(task["provider"],
                                                                 Member(tenant, job_id)):
             if account is None:  # minted for a task submitted elsewhere: not ours to send
                 raise CannotCancel("this task was submitted elsewhere: cancel it there",
@@ -267,7 +301,8 @@ async def cancel(svc: Services, tenant: str, task: dict[str, Any]) -> bytes:
         await svc.store.apply(claims, Update(
             TaskStatus.CANCEL, fail_reason="canceled before it was sent to the provider"))
         return await task_or_404(svc, tenant, job_id)
-    client = svc.clients.get(task["provider"])
+    # the account that sent it (its key is the one the provider knows the task by)
+    client = svc.clients.get(account.decode()) if account is not None else None
     if client is None or account is None or ptid is None:
         raise CannotCancel("this task was submitted elsewhere: cancel it there",
                            task["provider"])

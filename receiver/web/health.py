@@ -22,9 +22,10 @@ async def metrics(request: Request) -> Response:
     METRICS_TOKEN set, only for ``Authorization: Bearer <METRICS_TOKEN>``."""
     authenticate_metrics(request)
     svc = services(request)
+    for pool in svc.settings.pools():
+        svc.metrics.queue_depth.labels(pool).set(await svc.admission.depth(pool))
     for name, account in svc.settings.accounts.items():
-        waiting, held = await svc.admission.depth(name)
-        svc.metrics.queue_depth.labels(name).set(waiting)
+        held = await svc.admission.in_use(account.provider, name)
         svc.metrics.slots_in_use.labels(name).set(held)
         svc.metrics.slots_limit.labels(name).set(account.queue_limit)
     return svc.metrics.render()

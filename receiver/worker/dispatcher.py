@@ -1,15 +1,17 @@
-"""The dispatcher: sends queued tasks to their provider as the account's slots free.
+"""The dispatcher: sends queued tasks to their provider as its accounts' slots free.
 
-It wakes on the admission channel (a task queued, a task final) and also once a second, in
-case a wake-up was missed. Taking a slot pops the oldest task atomically (`admission`), so
-several dispatchers, in one process or many, never send a task twice. What the provider
-answers decides what happens to the slot:
+One loop per pool (a provider's accounts). It wakes on the admission channel (a task queued,
+a task final) and also once a second, in case a wake-up was missed. Taking a slot pops a task
+and picks its account atomically (`admission`: the least loaded that may take it; an action
+only its parent's), so several dispatchers, in one process or many, never send a task twice.
+What the provider answers decides what happens to the slot:
 
 - accepted: the task is SUBMITTED (and charged) with the provider's id; the slot is held until
   the task's final transition;
 - refused for now (queue full, busy, our key refused, or the provider unreachable before
-  anything was sent): back to its place in the queue, and the account pauses, doubling up to
-  30 s (a refused key is logged as an error: every task waits until it is fixed);
+  anything was sent): back to its place in the queue, and the account pauses (benched: no
+  dispatcher sends to it until then, `Keys.health`), 1 s doubling up to 30 s, up to 10
+  minutes for a refused key (logged as an error); the pool's other accounts take the tasks;
 - refused for good (banned word, unknown parent, a request it will not take...): the task
   FAILS with the provider's words, and the slot is freed;
 - no answer after sending: the provider may have queued it, and sending again could queue it
@@ -21,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
 import orjson
 from redis.asyncio.client import PubSub
@@ -39,12 +40,13 @@ from receiver.providers import (
     Transient,
 )
 from receiver.services.container import Services
-from receiver.store.admission import Member
+from receiver.store.admission import Account, Member
 
 log = logging.getLogger("receiver.worker.dispatcher")
 
 WAKE_EVERY = 1.0
 MAX_PAUSE = 30.0
+MAX_BENCH = 600.0  # an account whose key the provider refuses: until someone fixes it
 SEND_GRACE = 5.0  # seconds a stopping dispatcher waits for the answers to its sends
 # The submissions metric's outcome for each answer that puts a task back in its place.
 _RETRIED: dict[type[ProviderError], str] = {
@@ -55,21 +57,26 @@ _RETRIED: dict[type[ProviderError], str] = {
 class Dispatcher:
     def __init__(self, svc: Services) -> None:
         self.svc = svc
-        self.accounts = list(svc.settings.accounts.values())
-        self._wake = {a.name: asyncio.Event() for a in self.accounts}
-        self._pause = {a.name: 0.0 for a in self.accounts}  # monotonic time it ends
-        self._delay = {a.name: 0.0 for a in self.accounts}  # the next pause's length
+        self.pools = svc.settings.pools()
+        self.accounts = {a.name: a for pool in self.pools.values() for a in pool}
+        self._admitted = {pool: [Account(a.name, a.queue_limit, a.weight, a.modes)
+                                 for a in accounts] for pool, accounts in self.pools.items()}
+        self._wake = {pool: asyncio.Event() for pool in self.pools}
+        # the channel names a pool (a task queued) or an account (a task of its ended)
+        self._pool_of = {**{p: p for p in self.pools},
+                         **{a.name: a.provider for a in self.accounts.values()}}
+        self._delay = {name: 0.0 for name in self.accounts}  # the next pause's length
         self._sending: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Until cancelled."""
-        if not self.accounts:
+        if not self.pools:
             return
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._listen())
-                for account in self.accounts:
-                    group.create_task(self._dispatch(account))
+                for pool in self.pools:
+                    group.create_task(self._dispatch(pool))
         finally:
             if self._sending:  # a send cut off leaves its task sent-or-not until the timeout
                 await asyncio.wait(self._sending, timeout=SEND_GRACE)
@@ -86,9 +93,9 @@ class Dispatcher:
                 while True:
                     message = await pubsub.get_message(timeout=None)
                     if message is not None:
-                        event = self._wake.get(message["data"].decode())
-                        if event is not None:
-                            event.set()
+                        pool = self._pool_of.get(message["data"].decode())
+                        if pool is not None:
+                            self._wake[pool].set()
             except Exception as exc:  # the once-a-second wake-up covers the gap
                 log.warning("admission channel lost (%r); resubscribing", exc)
                 await asyncio.sleep(1.0)
@@ -96,57 +103,70 @@ class Dispatcher:
                 with contextlib.suppress(RedisError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _dispatch(self, account: ProviderAccount) -> None:
-        wake = self._wake[account.name]
+    async def _dispatch(self, pool: str) -> None:
+        wake = self._wake[pool]
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), WAKE_EVERY)
             wake.clear()
             try:
-                await self.fill(account)
+                await self.fill(pool)
             except RedisError as exc:
                 self.svc.metrics.redis_errors.labels("dispatcher").inc()
-                log.warning("dispatching for %s: Redis failed (%r); retrying", account.name, exc)
+                log.warning("dispatching for %s: Redis failed (%r); retrying", pool, exc)
             except Exception:
-                log.exception("dispatching for %s failed; retrying", account.name)
+                log.exception("dispatching for %s failed; retrying", pool)
 
-    async def fill(self, account: ProviderAccount) -> None:
-        """Send queued tasks until the queue is empty or every slot is taken."""
+    async def fill(self, pool: str) -> None:
+        """Send queued tasks until none waits that an account of the pool may take now."""
         admission = self.svc.admission
         pruned = False
-        while time.monotonic() >= self._pause[account.name]:
-            member = await admission.acquire(account.name, account.queue_limit, now_ms())
-            if member is None:
+        while True:
+            taken = await admission.acquire(pool, self._admitted[pool], now_ms())
+            if taken is None:
                 if pruned:
                     return
                 # Every slot taken, or nothing queued: free the slots of finished tasks, and
                 # try once more.
-                await admission.prune(account.name)
+                for account in self.pools[pool]:
+                    await admission.prune(pool, account.name)
                 pruned = True
                 continue
             pruned = False
-            job = asyncio.create_task(self._send(account, member))
+            if taken.account is None:
+                await self._orphaned(pool, taken.member)
+                continue
+            job = asyncio.create_task(self._send(self.accounts[taken.account], taken.member))
             self._sending.add(job)
             job.add_done_callback(self._sending.discard)
 
+    async def _orphaned(self, pool: str, member: Member) -> None:
+        """An action whose parent's account left the pool: no other account knows the parent."""
+        self.svc.metrics.submissions.labels(pool, "refused").inc()
+        await self.svc.store.apply(CallbackClaims(member.job_id, member.tenant, pool), Update(
+            TaskStatus.FAILURE, fail_reason="the account that made its parent is disabled or "
+            "no longer configured: an action goes to that account only; never sent"))
+
     async def _send(self, account: ProviderAccount, member: Member) -> None:
         svc, metrics = self.svc, self.svc.metrics
+        pool, task_key = account.provider, svc.store.keys.task(member.tenant, member.job_id)
         try:
-            task = await svc.redis.hmget(  # type: ignore[misc]
-                svc.store.keys.task(member.tenant, member.job_id), ["q", "s"])
+            task = await svc.redis.hmget(task_key, ["q", "s"])  # type: ignore[misc]
             request_json, status = task
             if request_json is None or status != TaskStatus.NOT_START.value.encode():
                 # gone, or sent already (a dispatcher that died after the answer): the slot
                 # is the task's until it ends, pruned then
                 if request_json is None:
-                    await svc.admission.release(account.name, member)
+                    await svc.admission.release(pool, account.name, member)
                 return
+            # which account sent it: its actions, polls, cancel and verification go there
+            await svc.redis.hset(task_key, "a", account.name)  # type: ignore[misc]
             request = SubmitRequest(**orjson.loads(request_json))
             claims = CallbackClaims(member.job_id, member.tenant, account.provider)
             url = (f"{svc.settings.callback_base()}/callbacks/{account.provider}"
                    f"?token={svc.signer.mint_callback(claims)}")
             try:
-                provider_task_id = await svc.clients[account.provider].submit(request, url)
+                provider_task_id = await svc.clients[account.name].submit(request, url)
             except ProviderError as exc:
                 await self._not_submitted(account, member, claims, exc)
                 return
@@ -159,7 +179,7 @@ class Dispatcher:
                 submitted_at=now_iso()))
             with contextlib.suppress(RedisError):  # what operators see; the task is stored
                 await svc.redis.hincrby(  # type: ignore[misc]
-                    svc.store.keys.health(account.name), "sent", 1)
+                    svc.store.keys.health(account.name, pool), "sent", 1)
         except RedisError as exc:
             # The slot stays held; the reconciler settles the task.
             metrics.redis_errors.labels("dispatcher").inc()
@@ -171,7 +191,7 @@ class Dispatcher:
     async def _not_submitted(self, account: ProviderAccount, member: Member,
                              claims: CallbackClaims, exc: ProviderError) -> None:
         """What a provider's no means for the task and its slot."""
-        svc, metrics = self.svc, self.svc.metrics
+        svc, metrics, pool = self.svc, self.svc.metrics, account.provider
         if isinstance(exc, ProviderDown) and not exc.retry_safe:
             metrics.submissions.labels(account.provider, "unanswered").inc()
             log.warning("%s: %s; task %s may be queued there: not sent again",
@@ -185,20 +205,22 @@ class Dispatcher:
                           "tasks wait; fix %s_API_KEY", account.name, exc.detail,
                           account.provider.upper())
             delay = self._back_off(account, exc)
-            await svc.admission.requeue(account.name, member)
-            await svc.redis.hset(  # type: ignore[misc]  # what operators see (/admin/accounts)
-                svc.store.keys.health(account.name), mapping={
-                    "paused_until": now_ms() + int(delay * 1000), "last_error_at": now_iso(),
-                    "last_error": f"{exc.code}: {exc.detail}"[:300]})
+            # benched first (every dispatcher skips it), then the task back in its place
+            await svc.redis.hset(  # type: ignore[misc]  # also what /admin/accounts shows
+                svc.store.keys.health(account.name, pool), mapping={
+                    "paused_until": now_ms() + int(delay * 1000), "pause": delay,
+                    "last_error_at": now_iso(), "last_error": f"{exc.code}: {exc.detail}"[:300]})
+            await svc.admission.requeue(pool, account.name, member)
             return
         metrics.submissions.labels(account.provider, "refused").inc()
         await svc.store.apply(claims, Update(
             TaskStatus.FAILURE, fail_reason=f"{exc.code}: {exc.detail}"))
-        await svc.admission.release(account.name, member)
+        await svc.admission.release(pool, account.name, member)
 
     def _back_off(self, account: ProviderAccount, exc: ProviderError) -> float:
-        """Pause the account (1 s, doubling to MAX_PAUSE); the pause's length."""
-        delay = self._delay[account.name] = min(MAX_PAUSE, self._delay[account.name] * 2 or 1)
-        self._pause[account.name] = time.monotonic() + delay
+        """The account's next pause: 1 s, doubling to MAX_PAUSE (MAX_BENCH for a refused
+        key)."""
+        most = MAX_BENCH if isinstance(exc, BadProviderKey) else MAX_PAUSE
+        delay = self._delay[account.name] = min(most, self._delay[account.name] * 2 or 1)
         log.info("%s: %s; pausing %.0f s", account.name, exc.detail, delay)
         return delay

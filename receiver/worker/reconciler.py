@@ -60,8 +60,8 @@ class Reconciler:
 
     async def reconcile(self, account: ProviderAccount) -> None:
         svc, settings = self.svc, self.settings
-        await svc.admission.prune(account.name)
-        held = await svc.admission.holders(account.name)
+        await svc.admission.prune(account.provider, account.name)
+        held = await svc.admission.holders(account.provider, account.name)
         now = now_ms()
         polls = []
         for (member, sent_ms), task in zip(held, await self._snapshots(held), strict=True):
@@ -117,7 +117,7 @@ class Reconciler:
             return
         try:
             async with asyncio.timeout(POLL_TIMEOUT):
-                answers = await svc.clients[provider].fetch_many(
+                answers = await svc.clients[account.name].fetch_many(
                     list(dict.fromkeys(ptid for _, ptid in locked)))
         except (ReceiverError, TimeoutError) as exc:  # down, or not an answer
             self.metrics.polls.labels(provider, "error").inc(len(locked))
@@ -144,7 +144,7 @@ class Reconciler:
         if update.status in _QUEUED:
             # Still in the provider's queue (a RELAX queue can take longer than the
             # timeout): waiting there is not a stall, so its timeout starts again.
-            await self.svc.redis.zadd(self.svc.store.keys.slots(account.name),
+            await self.svc.redis.zadd(self.svc.store.keys.slots(account.name, account.provider),
                                       {str(member): now_ms()}, xx=True, gt=True)
         if outcome.stored:
             log.info("task %s: %s learned by polling", member, update.status.value)
@@ -169,7 +169,7 @@ class Reconciler:
         if outcome.stored:
             self.metrics.inferred_failures.labels(account.provider).inc()
             log.warning("task %s: %s does not know %s; failed", member, account.provider, ptid)
-            await svc.admission.prune(account.name)
+            await svc.admission.prune(account.provider, account.name)
 
     async def _infer_failure(self, account: ProviderAccount, member: Member, idle: float) -> None:
         claims = CallbackClaims(member.job_id, member.tenant, account.provider)
@@ -180,7 +180,7 @@ class Reconciler:
         if outcome.stored:
             self.metrics.inferred_failures.labels(account.provider).inc()
             log.warning("task %s timed out after %.0f s without an update", member, idle)
-            await self.svc.admission.prune(account.name)
+            await self.svc.admission.prune(account.provider, account.name)
 
 
 def _ms(iso_time: str) -> int:

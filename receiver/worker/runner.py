@@ -66,7 +66,9 @@ async def run_worker(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker: dispatching for %s", ", ".join(settings.accounts) or "no provider")
+    log.info("worker: dispatching for %s", ", ".join(
+        f"{pool} ({', '.join(a.name for a in accounts)})"
+        for pool, accounts in settings.pools().items()) or "no provider")
     try:
         await stop.wait()
     finally:

@@ -1,0 +1,75 @@
+"""Pools of accounts end to end: three simulators as one provider's accounts (one of them
+given a key it refuses), the receiver's worker choosing among them, Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+from starlette.datastructures import Secret
+
+from receiver.cli.redis_server import RedisServer, free_port
+from receiver.core.settings import ProviderAccount
+from receiver.simulator import SimulatorConfig, create_simulator
+from tests.conftest import KEYS, LiveServer, base_settings, sim_stats, submit, wait_final
+
+
+@pytest.fixture
+def simulators() -> Iterator[list[LiveServer]]:
+    """Three mjproxy (trueai) accounts' hosts; each takes the key "good" only."""
+    started = [LiveServer(app=create_simulator(SimulatorConfig(
+        step_interval=0.05, seed=n, api_keys=("good",)))).start() for n in range(3)]
+    yield started
+    for sim in started:
+        sim.stop()
+
+
+def test_a_pool_sends_within_each_limit_benches_a_refused_key_and_keeps_affinity(
+        redis_server: RedisServer, r: redis.Redis, simulators: list[LiveServer]) -> None:
+    one, two, bad = simulators
+    port = free_port()
+    accounts = {
+        "one": ProviderAccount("mjproxy", one.url, Secret("good"), 2, name="one"),
+        "two": ProviderAccount("mjproxy", two.url, Secret("good"), 3, name="two"),
+        "bad": ProviderAccount("mjproxy", bad.url, Secret("wrong"), 3, name="bad"),
+    }
+    receiver = LiveServer(base_settings(
+        redis_server.url, public_base_url=f"http://127.0.0.1:{port}", accounts=accounts,
+        embedded_worker=True, reconcile_after=0.5, reconcile_interval=0.1,
+        admin_keys=(Secret("admin-key"),)), port=port).start()
+    try:
+        with receiver.client("key-acme") as acme:
+            jobs = [submit(acme, provider="mjproxy", prompt=f"fox {n}")["id"]
+                    for n in range(10)]
+            tasks = [wait_final(acme, job, timeout=60) for job in jobs]
+            assert [t["status"] for t in tasks] == ["SUCCESS"] * 10
+            sent_by = {job: r.hget(KEYS.task("acme", job), "a").decode() for job in jobs}
+            assert set(sent_by.values()) <= {"one", "two"}
+            assert sim_stats(one)["max_in_flight"] and max(
+                sim_stats(one)["max_in_flight"].values()) <= 2
+            assert max(sim_stats(two)["max_in_flight"].values()) <= 3
+            assert sim_stats(bad)["submitted"] == 0  # it refused our key every time
+            assert sim_stats(bad)["by_route"]["mjproxy"]["refused_key"] >= 1
+            view = {a["name"]: a for a in httpx.get(
+                f"{receiver.url}/admin/accounts",
+                headers={"Authorization": "Bearer admin-key"}).json()["accounts"]}
+            assert "provider_auth" in view["bad"]["last_error"]
+            assert view["one"]["last_error"] is None and view["two"]["health"] == "ok"
+            assert view["one"]["tasks_sent"] + view["two"]["tasks_sent"] == 10
+
+            # U1 on a grid goes to the account that made the grid, whatever is free
+            for grid in tasks[:4]:
+                child = wait_final(acme, submit(acme, provider="mjproxy",
+                                                parent_id=grid["id"], button="U1")["id"])
+                assert child["status"] == "SUCCESS", child
+                assert r.hget(KEYS.task("acme", child["id"]), "a").decode() == \
+                    sent_by[grid["id"]]
+            upscales = {name: sim_stats(sim)["by_action"].get("mjproxy", {}).get("UPSCALE", 0)
+                        for name, sim in (("one", one), ("two", two))}
+            made = {name: list(sent_by[t["id"]] for t in tasks[:4]).count(name)
+                    for name in ("one", "two")}
+            assert upscales == made
+    finally:
+        receiver.stop()
