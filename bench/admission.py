@@ -1,8 +1,9 @@
 """Admission: dispatch decisions per second, and how fair they are.
 
-Against a real redis-server: 1,000 tenants with tasks queued over 10 accounts; dispatchers
-(asyncio tasks on connections of their own, as workers would be) take a slot (the ACQUIRE
-script: the tenant whose turn it is, its oldest task) and free it at once, as if the provider
+Against a real redis-server: 1,000 tenants with tasks queued for one pool of 10 accounts (a
+provider's, ACCOUNTS_FILE); dispatchers (asyncio tasks on connections of their own, as
+workers would be) take a slot (the ACQUIRE script: the tenant whose turn it is, its oldest
+task, the least loaded account that may take it) and free it at once, as if the provider
 answered at once. Then fairness: one account, a limit of 3, a large tenant queues 1,000 tasks
 and then a small one queues 10: at which positions of the sends that follow do the small
 tenant's go?
@@ -24,10 +25,13 @@ from redis.asyncio import Redis
 from bench.ingest import ROOT, machine, write_markdown
 from receiver.cli.redis_server import RedisServer
 from receiver.core.constants import Keys
-from receiver.store.admission import Admission, Member
+from receiver.store.admission import Account, Admission, Member
 
 KEYS = Keys()
 ACCOUNTS, TENANTS, PER_TENANT, LIMIT, DISPATCHERS = 10, 1000, 5, 50, 8
+POOL = [Account(f"acct{i}", LIMIT, modes=("FAST", "RELAX") if i % 2 else ())
+        for i in range(ACCOUNTS)]
+ONE = [Account("acct", 3)]
 
 
 def member(tenant: str, n: int) -> Member:
@@ -42,7 +46,8 @@ async def decisions(url: str) -> float:
     n = 0
     for t in range(TENANTS):
         for _ in range(PER_TENANT):
-            await admission.enqueue(f"acct{t % ACCOUNTS}", member(f"tenant{t}", n))
+            await admission.enqueue("pool", member(f"tenant{t}", n),
+                                    mode="FAST" if n % 3 else None)
             n += 1
     clients = [Redis.from_url(url) for _ in range(DISPATCHERS)]
     done = 0
@@ -50,17 +55,12 @@ async def decisions(url: str) -> float:
     async def dispatcher(k: int) -> None:
         nonlocal done
         mine = Admission(clients[k], KEYS)
-        empty = 0
-        account = k
-        while empty < ACCOUNTS:
-            name = f"acct{account % ACCOUNTS}"
-            account += 1
-            got = await mine.acquire(name, LIMIT, 0)
+        while True:
+            got = await mine.acquire("pool", POOL, 0)
             if got is None:
-                empty += 1
-                continue
-            empty = 0
-            await mine.release(name, got)
+                return
+            assert got.account is not None
+            await mine.release("pool", got.account, got.member)
             done += 1
 
     started = time.perf_counter()
@@ -79,17 +79,17 @@ async def fairness(url: str) -> list[int]:
     admission = Admission(client, KEYS)
     for n in range(1000):
         await admission.enqueue("acct", member("large", n))
-    running = [await admission.acquire("acct", 3, 0) for _ in range(3)]
+    running = [await admission.acquire("acct", ONE, 0) for _ in range(3)]
     for n in range(1000, 1010):
         await admission.enqueue("acct", member("small", n))
     sent: list[str] = []
     while running:
         finished = running.pop(0)
         assert finished is not None
-        await admission.release("acct", finished)
-        nxt = await admission.acquire("acct", 3, 0)
+        await admission.release("acct", "acct", finished.member)
+        nxt = await admission.acquire("acct", ONE, 0)
         if nxt is not None:
-            sent.append(nxt.tenant)
+            sent.append(nxt.member.tenant)
             running.append(nxt)
     await client.aclose()
     return [i + 1 for i, tenant in enumerate(sent) if tenant == "small"]
@@ -113,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "## bench/admission",
         "",
-        f"Dispatch decisions (ACQUIRE: the tenant whose turn it is, its oldest task, a slot; "
-        f"then the slot freed) against one redis-server: {TENANTS:,} tenants with "
-        f"{PER_TENANT} tasks each queued over {ACCOUNTS} accounts (limit {LIMIT}), "
-        f"{DISPATCHERS} dispatchers on connections of their own, until every queue is "
-        f"empty. `.venv/bin/python -m bench.admission` regenerates this section.",
+        f"Dispatch decisions (ACQUIRE: the tenant whose turn it is, its oldest task, the "
+        f"least loaded account that serves its mode, a slot; then the slot freed) against "
+        f"one redis-server: {TENANTS:,} tenants with {PER_TENANT} tasks each (two in three "
+        f"FAST, which half the accounts serve) queued for one pool of {ACCOUNTS} accounts "
+        f"(limit {LIMIT} each), {DISPATCHERS} dispatchers on connections of their own, until "
+        f"every queue is empty. `.venv/bin/python -m bench.admission` regenerates this "
+        f"section.",
         "",
         f"- machine: {machine()}",
         f"- **median {statistics.median(rates):,.0f} decisions/s**; every run: "

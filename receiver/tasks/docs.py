@@ -85,7 +85,9 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
                            "the parent has no such button"),
                 409: error("mode_mismatch: a mode other than the parent's; parent_not_ready: "
                            "the parent has not succeeded; parent_not_submitted_here: the "
-                           "parent came through POST /callback-urls, not POST /tasks"),
+                           "parent came through POST /callback-urls, not POST /tasks; "
+                           "parent_account_gone: the account that made the parent is "
+                           "disabled or no longer configured (no other knows the parent)"),
                 429: error("rate_limited: too many submissions (SUBMIT_RATE); retry after "
                            f"Retry-After; {TASK_QUOTA}", RETRY_AFTER),
                 **QUOTA, **TENANT_ERRORS,

@@ -186,7 +186,8 @@ class ProviderInfo(Model):
     default_mode: str | None
     flavor: Literal["trueai", "novicezk"] | None = Field(
         None, description="mjproxy's API generation")
-    queue_limit: int = Field(ge=1)
+    queue_limit: int = Field(ge=1, description="its enabled accounts' limits, summed")
+    accounts: int = Field(ge=1, description="its enabled accounts (its pool)")
 
 
 class Providers(Model):

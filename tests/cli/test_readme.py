@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent  # .venv/bin: where `receiver` is, as after activate
 NOT_RUN = re.compile(r"<!-- not run: (?P<why>\S.*?) -->")
-LANGUAGES = {"sh", "json", "js", "python"}  # a new kind of block must be decided on here
+LANGUAGES = {"sh", "json", "js", "python", "toml"}  # a new kind of block must be decided on here
 # What runs and what is marked, per section: a new block, marked or not, changes these.
 RUN = {"Quickstart": 1, "Submitting tasks": 4, "Images that last": 1, "Live events": 1}
 SKIPPED = {"Quickstart": 1, "Development": 1}

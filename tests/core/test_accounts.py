@@ -90,3 +90,12 @@ def test_toml_that_does_not_parse_and_a_missing_file_are_refused(tmp_path: Path)
     with pytest.raises(SettingsError, match="MJPROXY_BASE_URL is set and ACCOUNTS_FILE"):
         read(tmp_path, GOOD.replace('name = "mj-fast"', 'name = "mjproxy"'),
              MJ_B_KEY="k", MJPROXY_BASE_URL="https://x.example")
+
+
+def test_the_readmes_example_file_reads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    settings = read(tmp_path, example, MJ_A_KEY="a", MJ_B_KEY="b")
+    assert [(a.name, a.queue_limit, a.modes, a.weight, a.enabled)
+            for a in settings.accounts.values()] == [
+        ("mj-fast", 20, ("FAST", "TURBO"), 2.0, True), ("mj-relax", 3, (), 1.0, False)]

@@ -127,3 +127,40 @@ def test_a_finished_tasks_history_is_compacted_on_a_cluster(
     assert [t["event"] for t in transitions] == [
         "task.created", "task.progress", "task.succeeded"]
     assert [t["raw"].encode() for t in transitions[1:]] == bodies
+
+
+def test_a_pool_of_accounts_on_a_cluster(redis_cluster: RedisClusterNodes) -> None:
+    """Two accounts of one provider, each its own simulator: tasks of two tenants (on
+    different masters) spread over both, each within its limit; an action goes to its
+    parent's account."""
+    sims = [LiveServer(app=create_simulator(SimulatorConfig(step_interval=0.03, seed=n)))
+            .start() for n in (12, 13)]
+    port = free_port()
+    accounts = {name: ProviderAccount("ohmygpt", sim.url, Secret("sk"), 2, name=name)
+                for name, sim in zip(("first", "second"), sims, strict=True)}
+    receiver = LiveServer(base_settings(
+        redis_cluster.url, redis_cluster=True, embedded_worker=True,
+        public_base_url=f"http://127.0.0.1:{port}", reconcile_after=0.5,
+        reconcile_interval=0.1, accounts=accounts), port=port).start()
+    cluster = RedisCluster.from_url(redis_cluster.url)
+    try:
+        with receiver.client("key-acme") as acme, receiver.client("key-beta") as beta:
+            jobs = [(client, tenant, submit(client, provider="ohmygpt", prompt=f"fox {i}")["id"])
+                    for i in range(4) for client, tenant in ((acme, "acme"), (beta, "beta"))]
+            done = [wait_final(client, job, timeout=60) for client, _, job in jobs]
+            sent_by = [cluster.hget(KEYS.task(t, job), "a").decode() for _, t, job in jobs]
+            grid = done[0]
+            child = wait_final(acme, submit(acme, provider="ohmygpt", parent_id=grid["id"],
+                                            action="UPSCALE", index=1)["id"], timeout=60)
+            child_by = cluster.hget(KEYS.task("acme", child["id"]), "a").decode()
+        stats = [sim_stats(sim) for sim in sims]
+    finally:
+        receiver.stop()
+        cluster.close()
+        for sim in sims:
+            sim.stop()
+    assert [t["status"] for t in done] == ["SUCCESS"] * 8 and child["status"] == "SUCCESS"
+    assert sorted(set(sent_by)) == ["first", "second"]
+    assert all(max(s["max_in_flight"].values()) <= 2 for s in stats), stats
+    assert sum(s["submitted"] for s in stats) == 9
+    assert child_by == sent_by[0]

@@ -146,7 +146,7 @@ def test_a_compaction_lost_with_its_process_is_done_when_the_slot_is_freed(
         assert await store.redis.exists(store.keys.history(c.tenant, c.job_id))
         admission = Admission(store.redis, store.keys, history=store.history)
         await store.redis.zadd(store.keys.slots("acct"), {str(Member(c.tenant, c.job_id)): 1})
-        assert await admission.prune("acct") == 0  # final: its slot is freed...
+        assert await admission.prune("acct", "acct") == 0  # final: its slot is freed...
         await settled(store)  # ...and its history compacted
         return str(await store.redis.exists(store.keys.history(c.tenant, c.job_id)))
 

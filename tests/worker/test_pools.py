@@ -4,6 +4,7 @@ given a key it refuses), the receiver's worker choosing among them, Redis."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -73,3 +74,17 @@ def test_a_pool_sends_within_each_limit_benches_a_refused_key_and_keeps_affinity
             assert upscales == made
     finally:
         receiver.stop()
+
+    # "one" is disabled: an action on a grid it made has nowhere to go, and says so
+    grid = next(t for t in tasks if sent_by[t["id"]] == "one")
+    accounts["one"] = replace(accounts["one"], enabled=False)
+    again = LiveServer(base_settings(redis_server.url, accounts=accounts)).start()
+    try:
+        with again.client("key-acme") as acme:
+            refused = acme.post("/tasks", json={"provider": "mjproxy", "parent_id": grid["id"],
+                                                "button": "U2"})
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["error"] == "parent_account_gone"
+            assert "'one', which is disabled" in refused.json()["detail"]
+    finally:
+        again.stop()
