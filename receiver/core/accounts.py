@@ -18,7 +18,7 @@ from starlette.datastructures import Secret
 
 MJPROXY_FLAVORS = ("trueai", "novicezk")  # midjourney-proxy's two API generations
 PROVIDERS = ("mjproxy", "ohmygpt", "aigc2d")
-MODES = ("FAST", "RELAX", "TURBO")
+MODES = ("FAST", "RELAX", "TURBO", "NORMAL")  # midjourney-proxy's three, OhMyGPT's NORMAL
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _FIELDS = {"name", "provider", "base_url", "api_key", "api_key_env", "queue_limit", "flavor",
            "auth_header", "modes", "weight", "enabled"}
@@ -133,6 +133,10 @@ def _account(entry: Any, config: Config) -> ProviderAccount:
     provider = _text(entry, "provider")
     if provider not in PROVIDERS:
         raise SettingsError(f"provider {provider!r} is none of {', '.join(PROVIDERS)}")
+    if name in PROVIDERS and name != provider:
+        # a provider's name is its pool's, and the name its tasks of before pools carry
+        raise SettingsError(f"name {name!r} is another provider's: name a {provider} account "
+                            f"{provider!r} or something else")
     base_url = _text(entry, "base_url")
     if not base_url.startswith(("http://", "https://")):
         raise SettingsError(f"base_url {base_url[:80]!r} is not an http(s) URL")

@@ -64,6 +64,19 @@ def _store_url(raw: str) -> str:
     return url
 
 
+def _budgets(raw: str) -> dict[str, dict[str, int]]:
+    budgets: dict[str, dict[str, int]] = {}
+    for entry in _list(raw):
+        tenant, _, rest = entry.partition(":")
+        amount, _, unit = rest.partition(":")
+        if not (tenant == "*" or TENANT_RE.match(tenant)) or not unit.strip() \
+                or not amount.strip().isdigit():
+            raise ValueError("comma-separated tenant:amount:unit (tenant * for every tenant "
+                             "without its own), e.g. acme:200000:tokens,*:1000:points")
+        budgets.setdefault(tenant, {})[unit.strip()] = int(amount)
+    return budgets
+
+
 def _secrets(raw: str) -> tuple[Secret, ...]:
     return tuple(Secret(key) for key in _list(raw))
 
@@ -179,6 +192,9 @@ class Settings:
     tenant_max_tasks: int = setting(100_000)
     # the slots of one provider account a tenant may hold at once (0: as many as are free)
     tenant_max_in_flight: int = setting(0)
+    # tenant -> unit -> the most it may commit (charged net of refunds, and its tasks not
+    # yet charged at their price); "*": every tenant without its own
+    tenant_budgets: dict[str, dict[str, int]] = setting({}, parse=_budgets)
     tenant_max_bytes: int = setting(1024 * 1024 * 1024)
     # Host names a request may use to form callback URLs when PUBLIC_BASE_URL is unset; the
     # proxies whose X-Forwarded-For and -Proto are believed (uvicorn's forwarded_allow_ips).
@@ -244,6 +260,13 @@ class Settings:
             return self.default_provider
         pools = self.pools()
         return next(iter(pools)) if len(pools) == 1 else None
+
+    def budget(self, tenant: str, unit: str) -> int | None:
+        """The tenant's budget in ``unit`` (TENANT_BUDGETS), or None for no limit."""
+        own = self.tenant_budgets.get(tenant)
+        if own is None:
+            own = self.tenant_budgets.get("*", {})
+        return own.get(unit)
 
     def signing_keys(self) -> list[str]:
         """The secret keys as itsdangerous wants them; an ephemeral one if none is set."""

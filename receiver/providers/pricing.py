@@ -98,6 +98,8 @@ def usage_report(counters: dict[bytes, bytes]) -> dict[str, Any]:
     action."""
     rows: dict[tuple[str, ...], dict[str, Any]] = {}
     for name, value in counters.items():
+        if name.startswith(b"@"):  # the budget's count (`@committed|<unit>`), not a row
+            continue
         provider, mode, action, unit, counter = name.decode().split("|")
         row = rows.setdefault((provider, mode, action, unit), {
             "provider": provider, "mode": None if mode == "-" else mode, "action": action,

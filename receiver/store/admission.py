@@ -41,6 +41,7 @@ ACQUIRE = """
 -- tenant may hold at one account (0: no cap), ARGV[4] accounts; then per account its name,
 -- limit, weight and modes (',FAST,RELAX,'; '': every mode)
 local now, cap, n = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local LOOK_AHEAD = 8
 local names, limits, weights, modes, used, open = {}, {}, {}, {}, {}, {}
 local any_open = false
 for i = 1, n do
@@ -55,25 +56,26 @@ end
 if not any_open then return false end
 -- The account for a task of `tenant` with route 'mode\taffinity': among the open ones that
 -- serve its mode (only its affinity, if it has one), the least loaded for its limit and
--- weight; 0 if its affinity names no account of the pool; nil if none is free now.
+-- weight; nil if none is free now; 0 if no account of the pool could ever take it (its
+-- affinity's account is gone, or no account serves its mode).
 local function choose(tenant, route)
   local tab = string.find(route, '\t', 1, true)
   local mode, affinity = '', ''
   if tab then mode, affinity = string.sub(route, 1, tab - 1), string.sub(route, tab + 1) end
-  local best, best_load, known = nil, nil, affinity == ''
+  local best, best_load, possible = nil, nil, false
   for i = 1, n do
-    if affinity == '' or names[i] == affinity then
-      known = true
-      if open[i] and (modes[i] == '' or mode == ''
-                      or string.find(modes[i], ',' .. mode .. ',', 1, true))
-          and (cap == 0 or (tonumber(redis.call('HGET', KEYS[4 + 3 * (i - 1) + 2], tenant))
-                            or 0) < cap) then
+    if (affinity == '' or names[i] == affinity)
+        and (modes[i] == '' or mode == '' or string.find(modes[i], ',' .. mode .. ',', 1, true))
+    then
+      possible = true
+      if open[i] and (cap == 0 or (tonumber(redis.call('HGET', KEYS[4 + 3 * (i - 1) + 2],
+                                                         tenant)) or 0) < cap) then
         local load = (used[i] + 1) / (limits[i] * weights[i])
         if best == nil or load < best_load then best, best_load = i, load end
       end
     end
   end
-  if not known then return 0 end
+  if not possible then return 0 end
   return best
 end
 local function take(member, i)
@@ -95,26 +97,29 @@ while true do
   if #first == 0 then return false end
   local tenant = first[1]
   local queue = ARGV[2] .. tenant
-  local head = redis.call('ZRANGE', queue, 0, 0)
-  if #head == 0 then
+  -- its oldest task an account may take now, among its first few (a RELAX task waiting
+  -- for the RELAX account holds up none of its FAST ones behind it)
+  local heads = redis.call('ZRANGE', queue, 0, LOOK_AHEAD - 1)
+  if #heads == 0 then
     redis.call('ZREM', KEYS[1], tenant)  -- its queue emptied by a cancel
   else
-    local i = choose(tenant, redis.call('HGET', KEYS[4], head[1]) or '')
-    if i == nil then
+    local member, i
+    for _, m in ipairs(heads) do
+      i = choose(tenant, redis.call('HGET', KEYS[4], m) or '')
+      if i == 0 then return {m, ''} end  -- none ever could: left queued, the caller fails it
+      if i then member = m; break end
+    end
+    if member == nil then
       k = k + 1  -- nothing it may use is free: it keeps its turn
     else
-      redis.call('ZREM', queue, head[1])
+      redis.call('ZREM', queue, member)
       local turn = redis.call('INCR', KEYS[2])
       if redis.call('ZCARD', queue) > 0 then
         redis.call('ZADD', KEYS[1], turn, tenant)
       else
         redis.call('ZREM', KEYS[1], tenant)
       end
-      if i == 0 then  -- its account left the pool: the caller fails it
-        redis.call('HDEL', KEYS[4], head[1])
-        return {head[1], ''}
-      end
-      return take(head[1], i)
+      return take(member, i)
     end
   end
 end
@@ -183,8 +188,9 @@ class Account(NamedTuple):
 
 
 class Taken(NamedTuple):
-    """A task `acquire` took: the account whose slot it holds, or None if the account its
-    action must go to (its parent's) is no longer in the pool (the caller fails it)."""
+    """A task `acquire` took: the account whose slot it holds; or None if no account of the
+    pool could ever take it (its parent's account is gone, no account serves its mode): it
+    is still queued, and the caller fails it, then `withdraw`s it."""
 
     member: Member
     account: str | None
@@ -238,9 +244,11 @@ class Admission:
         member, account_name = (x.decode() for x in taken)
         return Taken(Member.parse(member), account_name or None)
 
-    async def requeue(self, pool: str, account: str, member: Member) -> None:
-        """Back to its place in its tenant's queue (the provider could not take it yet)."""
-        await self._enqueue(pool, account, member, "", from_slots=True)
+    async def requeue(self, pool: str, account: str, member: Member,
+                      affinity: str | None = None) -> None:
+        """Back to its place in its tenant's queue (the provider could not take it yet); its
+        route kept, or bound to ``affinity``'s account if given."""
+        await self._enqueue(pool, account, member, route(None, affinity), from_slots=True)
 
     async def _enqueue(self, pool: str, account: str, member: Member, route_: str,
                        from_slots: bool) -> None:

@@ -104,6 +104,7 @@ class TransitionArgs(NamedTuple):
     quota_ttl: bytes
     claim_ttl: bytes
     archive: bytes
+    budget: bytes
 
 
 # Where each status's index and the claim are in KEYS, for the script's header.
@@ -149,6 +150,13 @@ class QuotaExceeded(ReceiverError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class BudgetExceeded(ReceiverError):
+    """A submission the tenant's budget (TENANT_BUDGETS) does not cover; nothing stored."""
+
+    status_code = 402
+    code = "budget_exceeded"
+
+
 class TaskQuotaExceeded(QuotaExceeded):
     status_code = 429
     code = "task_quota"
@@ -189,17 +197,20 @@ class TaskStore:
 
     async def create(
         self, claims: CallbackClaims, status: TaskStatus = TaskStatus.NOT_START,
-        control: dict[str, bytes] | None = None, claimed: bool = False, **fields: Any,
+        control: dict[str, bytes] | None = None, claimed: bool = False,
+        budget: int | None = None, **fields: Any,
     ) -> Outcome:
         """Create a task's record (refused with ``exists`` if it has one), within the
         tenant's quotas. ``control``: the submitter's fields (``a``, ``b``, ``q``; see the
-        script); ``claimed``: the caller holds the claim on ``provider_task_id``."""
+        script); ``claimed``: the caller holds the claim on ``provider_task_id``;
+        ``budget``: the most the tenant may have committed in the unit of the price in
+        ``b``, this task's included (`BudgetExceeded` past it)."""
         fields.update(status=status.value)
         extra = [x for pair in (control or {}).items() for x in pair]
         return await self._transition(
             b"create", claims, rank(status, None), status, b"", fields,
             ptid=fields.get("provider_task_id") or "", extra=extra, claimed=claimed,
-            enforce=True,
+            enforce=True, budget=b"" if budget is None else b"%d" % budget,
         )
 
     async def apply(self, claims: CallbackClaims, update: Update, *, claimed: bool = False,
@@ -237,6 +248,7 @@ class TaskStore:
         self, op: bytes, claims: CallbackClaims, rank_: int, status: TaskStatus, raw: bytes,
         fields: dict[str, Any], ptid: str = "", extra: list[Any] | None = None,
         claimed: bool = False, enforce: bool = False, kind: EventKind | None = None,
+        budget: bytes = b"",
     ) -> Outcome:
         job, tenant = claims.job_id, claims.tenant
         stream, last_id, index, channel, usage, quota, tail = self._for_tenant(tenant)
@@ -257,10 +269,15 @@ class TaskStore:
             orjson.dumps(now_iso()), job, channel, stream_maxlen, history_maxlen, ttl,
             b"\0".join(patch), now_ms(), tenant, claims.provider, self._admission,
             b"1" if claimed else b"0", bucket, max_tasks, max_bytes, self._quota_ttl,
-            self._claim_ttl, self._archive)
+            self._claim_ttl, self._archive, budget)
         reply = await self.batcher.call(keys, args + tuple(extra) if extra else args)
         if reply[0] == b"quota":
             self._refuse(tenant, reply[1])
+        if reply[0] == b"budget":
+            raise BudgetExceeded(
+                f"tenant {tenant!r} has committed {int(reply[1]):,} {reply[2].decode()} of its "
+                f"budget of {int(budget):,} (TENANT_BUDGETS: spent net of refunds, and its "
+                "tasks not yet charged); this task would pass it")
         if reply[0] == b"claimed":
             raise ProviderTaskClaimed(
                 f"{claims.provider} task {ptid[:80]!r} belongs to another task here")

@@ -17,7 +17,8 @@
 --   10 stream_maxlen, 11 history_maxlen, 12 ttl, 13 patch, 14 ms, 15 tenant, 16 provider,
 --   17 admission, 18 claimed, 19 bucket, 20 max_tasks, 21 max_bytes, 22 quota_ttl,
 --   23 claim_ttl, 24 archive ('1': a SUCCESS with images queues them for the archive),
---   25... control (the submitter's fields, name and value, on create)
+--   25 budget (on create: the most the tenant may commit in the task's unit; '': none),
+--   26... control (the submitter's fields, name and value, on create)
 -- op: create, apply, submit (apply, and charge the ledger), or archive (the worker stored
 -- the task's images: a SUCCESS gains its archived URLs, the only change after a final).
 local op, new_rank, status, kind, ptid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
@@ -27,8 +28,11 @@ local op, new_rank, status, kind, ptid = ARGV[1], tonumber(ARGV[2]), ARGV[3], AR
 -- that a process of an earlier version, during a rolling upgrade, reads and writes `v` as it
 -- always did; a task without `x` has their defaults). The submitter's tasks also have a: the
 -- provider account,
--- b: billing (ledger counter prefix NUL amount NUL refunds 0|1), c: charged ('1') or
--- charged and refunded ('2'), q: the request to send.
+-- b: billing (ledger counter prefix NUL amount NUL refunds 0|1), c: reserved ('r': created,
+-- its price committed, not yet charged), charged ('1'), charged and refunded ('2'), or ended
+-- without a charge ('0': its reservation given back), q: the request to send. The ledger's
+-- '@committed|<unit>' is what the tenant's budget (TENANT_BUDGETS) counts: the net charged,
+-- plus the tasks reserved.
 local cur = redis.call('HMGET', KEYS[1], 'r', 's', 'p', 'v', 'c', 'a', 'x')
 local exists = cur[1] ~= false
 -- A provider task id binds a task only with its claim (see claims.py): held by the caller
@@ -43,14 +47,22 @@ local function claim()
 end
 local must_claim = ptid ~= '' and ARGV[18] ~= '1' and not cur[3] and not cur[6]
 local charged = cur[5]
-local function billing()
-  local b = redis.call('HGET', KEYS[1], 'b')
-  if not b then return nil end
+local function parse_billing(b)
   local e1 = string.find(b, '\0', 1, true)
   local e2 = string.find(b, '\0', e1 + 1, true)
   -- the amount stays a string: a Lua number would print 1e+17 for HINCRBY
   return string.sub(b, 1, e1 - 1), string.sub(b, e1 + 1, e2 - 1), string.sub(b, e2 + 1) == '1'
 end
+local function billing()
+  local b = redis.call('HGET', KEYS[1], 'b')
+  if not b then return nil end
+  return parse_billing(b)
+end
+local function commit(field, amount, sign)  -- the budget's count, in the field's unit
+  redis.call('HINCRBY', KEYS[6], '@committed|' .. string.match(field, '([^|]*)$'),
+    sign < 0 and '-' .. amount or amount)
+end
+local function uncharged(c) return not c or c == 'r' or c == '0' end
 local function failed(s) return s == 'FAILURE' or s == 'CANCEL' end
 local vals = {}
 if exists then
@@ -59,14 +71,16 @@ if exists then
   -- The provider has the submitter's task (it answered the submit, or a callback or poll
   -- names its id): charge it once, whatever came before (a callback may have beaten the
   -- answer, even with a failure, which is refunded at once).
-  if not charged and cur[6] and (op == 'submit' or ptid ~= '') then
+  if uncharged(charged) and cur[6] and (op == 'submit' or ptid ~= '') then
     local field, amount, refunds = billing()
     if field then
       redis.call('HINCRBY', KEYS[6], field .. '|tasks', 1)
       redis.call('HINCRBY', KEYS[6], field .. '|spent', amount)
+      if charged ~= 'r' then commit(field, amount, 1) end  -- (a reservation counts it)
       charged = '1'
       if refunds and failed(cur[2]) then
         redis.call('HINCRBY', KEYS[6], field .. '|refunded', amount)
+        commit(field, amount, -1)
         charged = '2'
       end
       redis.call('HSET', KEYS[1], 'c', charged)
@@ -130,6 +144,23 @@ local parts = {}
 for i = 1, N do parts[2 * i - 1] = NAMES[i]; parts[2 * i] = vals[i] end
 local data = table.concat(parts) .. ',"event":"' .. kind .. '","event_id":"' .. id .. '"}'
 
+-- The tenant's budget (a create with a price and ARGV[25]): what it committed in the unit,
+-- plus this task's price, within it, or nothing is written.
+local reserve
+if op == 'create' and ARGV[25] ~= '' then
+  for i = 26, #ARGV, 2 do
+    if ARGV[i] == 'b' then reserve = ARGV[i + 1] end
+  end
+  if reserve then
+    local field, amount = parse_billing(reserve)
+    local unit = string.match(field, '([^|]*)$')
+    local committed = tonumber(redis.call('HGET', KEYS[6], '@committed|' .. unit)) or 0
+    if committed + tonumber(amount) > tonumber(ARGV[25]) then
+      return {'budget', tostring(committed), unit}
+    end
+  end
+end
+
 -- The tenant's quotas: tasks created and bytes written in the last TASK_TTL, counted by time
 -- bucket (t<n>, b<n>) and as totals (T, B) over the window as of bucket N: the last 8.
 local bucket = tonumber(ARGV[19])
@@ -146,7 +177,7 @@ if bucket > 0 then
     redis.call('EXPIRE', KEYS[7], ARGV[22])
   end
   local size = #ARGV[6] + 3 * #data
-  for i = 25, #ARGV do size = size + #ARGV[i] end
+  for i = 26, #ARGV do size = size + #ARGV[i] end
   local max_tasks, max_bytes = tonumber(ARGV[20]), tonumber(ARGV[21])
   if not exists and max_tasks > 0 and tasks >= max_tasks then return {'quota', 'tasks'} end
   if max_bytes > 0 and bytes + size > max_bytes then return {'quota', 'bytes'} end
@@ -175,8 +206,21 @@ if ptid ~= '' then
 else
   redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored, 'x', extra)
 end
-if op == 'create' and #ARGV > 24 then  -- the submitter's control fields
-  redis.call('HSET', KEYS[1], unpack(ARGV, 25))
+if op == 'create' and #ARGV > 25 then  -- the submitter's control fields
+  redis.call('HSET', KEYS[1], unpack(ARGV, 26))
+  for i = 26, #ARGV, 2 do  -- a priced task reserves its price at once
+    if ARGV[i] == 'b' then
+      local field, amount = parse_billing(ARGV[i + 1])
+      commit(field, amount, 1)
+      redis.call('HSET', KEYS[1], 'c', 'r')
+    end
+  end
+end
+-- A reserved task that ended without a charge (never sent, refused) gives its price back.
+if exists and charged == 'r' and failed(status) then
+  local field, amount = billing()
+  commit(field, amount, -1)
+  redis.call('HSET', KEYS[1], 'c', '0')
 end
 -- Refund a charged task that fails, where the provider refunds; take the refund back when a
 -- provider SUCCESS replaces a failure we inferred.
@@ -186,6 +230,7 @@ then
   if field and refunds then
     redis.call('HINCRBY', KEYS[6], field .. '|refunded',
       status == 'SUCCESS' and '-' .. amount or amount)
+    commit(field, amount, status == 'SUCCESS' and 1 or -1)
     redis.call('HSET', KEYS[1], 'c', status == 'SUCCESS' and '1' or '2')
   end
 end

@@ -88,6 +88,8 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
                            "parent came through POST /callback-urls, not POST /tasks; "
                            "parent_account_gone: the account that made the parent is "
                            "disabled or no longer configured (no other knows the parent)"),
+                402: error("budget_exceeded: the task's price would take the tenant past "
+                           "its budget in that unit (TENANT_BUDGETS); nothing stored"),
                 429: error("rate_limited: too many submissions (SUBMIT_RATE); retry after "
                            f"Retry-After; {TASK_QUOTA}", RETRY_AFTER),
                 **QUOTA, **TENANT_ERRORS,

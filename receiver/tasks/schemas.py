@@ -174,10 +174,18 @@ class LedgerRow(LedgerCounters):
     unit: str
 
 
+class Budget(Model):
+    limit: int = Field(ge=0, description="TENANT_BUDGETS: the most it may commit")
+    committed: int = Field(description="charged net of refunds, plus its tasks not yet "
+                                       "charged at their price")
+    left: int
+
+
 class Usage(Model):
     tenant: Tenant
     totals: dict[str, LedgerCounters] = Field(description="keyed by unit (tokens, points, ...)")
     by: list[LedgerRow] = Field(description="one row per provider, mode and action")
+    budgets: dict[str, Budget] = Field(description="the tenant's budgets, keyed by unit")
 
 
 class ProviderInfo(Model):

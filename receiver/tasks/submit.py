@@ -99,7 +99,14 @@ async def get_usage(request: Request) -> Response:
     tenant = authenticate(request)
     svc = services(request)
     counters = await svc.redis.hgetall(svc.store.keys.usage(tenant))  # type: ignore[misc]
-    return JSONResponse({"tenant": tenant, **usage_report(counters)})
+    report = usage_report(counters)
+    own = svc.settings.tenant_budgets.get(tenant, svc.settings.tenant_budgets.get("*", {}))
+    committed = {name.decode().partition("|")[2]: int(value)
+                 for name, value in counters.items() if name.startswith(b"@committed|")}
+    report["budgets"] = {unit: {"limit": limit, "committed": committed.get(unit, 0),
+                                "left": limit - committed.get(unit, 0)}
+                         for unit, limit in own.items()}
+    return JSONResponse({"tenant": tenant, **report})
 
 
 async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
@@ -129,6 +136,9 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
         if action in BUTTON_ACTIONS:
             raise BadRequest(f"{action} acts on a finished task: give its 'parent_id'")
         mode = mode or DEFAULT_MODE.get(provider)
+        if mode is not None and mode not in pool_modes(svc, pool):
+            raise BadRequest(f"no {provider} account here serves {mode} (the provider's "
+                             f"default): name a mode, one of {', '.join(pool_modes(svc, pool))}")
     else:
         parent = orjson.loads(await task_or_404(svc, tenant, parent_id))
         if not await svc.redis.hexists(  # type: ignore[misc]
@@ -177,14 +187,15 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
     # `a`: the pool until a dispatcher sends it, then the account that did
     control = {"a": provider.encode(), "q": orjson.dumps(asdict(request))}
     price = svc.prices.price(provider, mode, action)
-    cost = None
+    cost = budget = None
     if price is not None:
         cost = {"amount": price.amount, "unit": price.unit}
         control["b"] = b"%s\0%d\0%d" % (price.ledger_field(provider, mode, action).encode(),
                                         price.amount, price.refund_on_failure)
+        budget = svc.settings.budget(tenant, price.unit)
     outcome = await svc.store.create(
         claims, control=control, action=action, mode=mode, prompt=prompt,
-        parent_id=parent_id, cost=cost)
+        parent_id=parent_id, cost=cost, budget=budget)
     assert outcome.data is not None  # a fresh job id cannot exist already
     try:
         await svc.admission.enqueue(provider, Member(tenant, claims.job_id), mode, affinity)

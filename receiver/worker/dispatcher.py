@@ -141,11 +141,15 @@ class Dispatcher:
             job.add_done_callback(self._sending.discard)
 
     async def _orphaned(self, pool: str, member: Member) -> None:
-        """An action whose parent's account left the pool: no other account knows the parent."""
+        """A task no account of the pool could ever take (its parent's account left it, or
+        none serves its mode): it fails, then leaves the queue (a crash between the two: it
+        is handed back again, and both are done again)."""
         self.svc.metrics.submissions.labels(pool, "refused").inc()
         await self.svc.store.apply(CallbackClaims(member.job_id, member.tenant, pool), Update(
-            TaskStatus.FAILURE, fail_reason="the account that made its parent is disabled or "
-            "no longer configured: an action goes to that account only; never sent"))
+            TaskStatus.FAILURE, fail_reason="no account of the pool can take it: the account "
+            "that made its parent is disabled or no longer configured (an action goes to that "
+            "account only), or none serves its mode; never sent"))
+        await self.svc.admission.withdraw(pool, member)
 
     async def _send(self, account: ProviderAccount, member: Member) -> None:
         svc, metrics = self.svc, self.svc.metrics
@@ -159,9 +163,11 @@ class Dispatcher:
                 if request_json is None:
                     await svc.admission.release(pool, account.name, member)
                 return
+            request = SubmitRequest(**orjson.loads(request_json))
+            if request.parent_task_id and not await self._at_parents_account(account, member):
+                return
             # which account sent it: its actions, polls, cancel and verification go there
             await svc.redis.hset(task_key, "a", account.name)  # type: ignore[misc]
-            request = SubmitRequest(**orjson.loads(request_json))
             claims = CallbackClaims(member.job_id, member.tenant, account.provider)
             url = (f"{svc.settings.callback_base()}/callbacks/{account.provider}"
                    f"?token={svc.signer.mint_callback(claims)}")
@@ -187,6 +193,23 @@ class Dispatcher:
         except Exception:
             # Whether it reached the provider is unknown: held, not sent again (as above).
             log.exception("dispatching %s failed", member)
+
+    async def _at_parents_account(self, account: ProviderAccount, member: Member) -> bool:
+        """An action queued before pools had no route: sent by any account, it would reach a
+        provider that does not know its parent. Back in the queue, bound to the parent's
+        account, unless that is this one."""
+        svc = self.svc
+        snapshot = await svc.store.get(member.tenant, member.job_id)
+        parent_id = orjson.loads(snapshot)["parent_id"] if snapshot else None
+        if parent_id is None:
+            return True
+        parent_account = await svc.redis.hget(  # type: ignore[misc]
+            svc.store.keys.task(member.tenant, parent_id), "a")
+        owner = parent_account.decode() if parent_account else account.name
+        if owner == account.name:
+            return True
+        await svc.admission.requeue(account.provider, account.name, member, affinity=owner)
+        return False
 
     async def _not_submitted(self, account: ProviderAccount, member: Member,
                              claims: CallbackClaims, exc: ProviderError) -> None:

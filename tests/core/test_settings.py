@@ -59,3 +59,14 @@ def test_an_image_store_must_be_a_directory_or_a_bucket() -> None:
     for bad in ("https://bucket.example/x", "/var/images", "s3://"):
         with pytest.raises(SettingsError, match="IMAGE_STORE"):
             read(IMAGE_STORE=bad)
+
+
+def test_budgets_are_tenant_amount_unit_with_a_default() -> None:
+    settings = Settings.from_env(Config(environ={
+        "TENANT_BUDGETS": "acme:200000:tokens, acme:50:points,*:1000:points"}))
+    assert settings.budget("acme", "tokens") == 200000
+    assert settings.budget("acme", "points") == 50
+    assert settings.budget("beta", "points") == 1000 and settings.budget("beta", "tokens") is None
+    for bad in ("acme:lots:tokens", "acme:100", "ac me:1:points"):
+        with pytest.raises(SettingsError, match="TENANT_BUDGETS"):
+            Settings.from_env(Config(environ={"TENANT_BUDGETS": bad}))

@@ -294,13 +294,14 @@ def test_an_action_goes_to_its_parents_account_or_fails_if_it_left_the_pool(
             await admission.enqueue("p", member(4, "z"), affinity="gone")
             first = [await admission.acquire("p", pool, 0) for _ in range(3)]  # both full
             await admission.release("p", "b", member(1, "x"))
-            # z's account is gone: handed back to be failed; x's next goes to b
+            # z's account is gone: handed back (still queued) until the caller withdraws it
             then = [await admission.acquire("p", pool, 0) for _ in range(2)]
-            return [*first, *then]
+            await admission.withdraw("p", member(4, "z"))
+            return [*first, *then, await admission.acquire("p", pool, 0)]
 
     assert asyncio.run(scenario()) == [
         Taken(member(1, "x"), "b"), Taken(member(2, "y"), "a"), None,
-        Taken(member(4, "z"), None), Taken(member(3, "x"), "b")]
+        Taken(member(4, "z"), None), Taken(member(4, "z"), None), Taken(member(3, "x"), "b")]
     assert r.hlen(KEYS.routes("p")) == 1  # member 3's, until its slot is freed
 
 
@@ -321,3 +322,21 @@ def test_a_benched_account_is_skipped_and_a_mode_goes_where_it_is_served(
 
     # FAST: only b (a is RELAX only, c benched); RELAX: a (less loaded than b by then)
     assert asyncio.run(scenario()) == ["b", "a", "b", "a", "c"]
+
+
+def test_a_task_waits_for_its_modes_account_without_holding_up_the_others_behind_it(
+        r: redis.Redis, redis_server: RedisServer) -> None:
+    pool = [Account("fast", 3, modes=("FAST",)), Account("relax", 1, modes=("RELAX",))]
+
+    async def scenario() -> list[Taken | None]:
+        async with Redis.from_url(redis_server.url) as client:
+            admission = Admission(client, KEYS)
+            for i, mode in enumerate(["RELAX", "RELAX", "FAST", "FAST", "TURBO"]):
+                await admission.enqueue("p", member(i), mode)
+            return [await admission.acquire("p", pool, 0) for _ in range(4)]
+
+    # the second RELAX waits for the relax account; the FAST ones behind it go; TURBO, which
+    # no account serves, is handed back to be failed
+    assert asyncio.run(scenario()) == [
+        Taken(member(0), "relax"), Taken(member(2), "fast"), Taken(member(3), "fast"),
+        Taken(member(4), None)]

@@ -88,3 +88,40 @@ def test_a_pool_sends_within_each_limit_benches_a_refused_key_and_keeps_affinity
             assert "'one', which is disabled" in refused.json()["detail"]
     finally:
         again.stop()
+
+
+def test_an_action_queued_before_pools_still_goes_to_its_parents_account(
+        redis_server: RedisServer, r: redis.Redis, simulators: list[LiveServer]) -> None:
+    """Queued by a version without routes, an action has none: the account the script picks
+    (here the other, weighted far ahead) puts it back bound to its parent's account."""
+    sims = {"one": simulators[0], "two": simulators[1]}
+    accounts = {name: ProviderAccount("mjproxy", sim.url, Secret("good"), 3, name=name)
+                for name, sim in sims.items()}
+    port = free_port()
+    settings = base_settings(redis_server.url, public_base_url=f"http://127.0.0.1:{port}",
+                             accounts=accounts, embedded_worker=True)
+    first = LiveServer(settings, port=port).start()
+    try:
+        with first.client("key-acme") as acme:
+            grid = wait_final(acme, submit(acme, provider="mjproxy", prompt="fox")["id"])
+    finally:
+        first.stop()
+    owner = r.hget(KEYS.task("acme", grid["id"]), "a").decode()
+    other = next(name for name in sims if name != owner)
+    web = LiveServer(replace(settings, embedded_worker=False), port=port).start()
+    try:
+        with web.client("key-acme") as acme:
+            child = submit(acme, provider="mjproxy", parent_id=grid["id"], button="U1")["id"]
+    finally:
+        web.stop()
+    assert r.hdel(KEYS.routes("mjproxy"), f"acme/{child}") == 1  # as before pools: no route
+    weighted = {**accounts, owner: replace(accounts[owner], weight=0.01),
+                other: replace(accounts[other], weight=100.0)}
+    worker = LiveServer(replace(settings, accounts=weighted), port=port).start()
+    try:
+        with worker.client("key-acme") as acme:
+            assert wait_final(acme, child)["status"] == "SUCCESS"
+        assert r.hget(KEYS.task("acme", child), "a").decode() == owner
+        assert sim_stats(sims[other])["by_action"].get("mjproxy", {}).get("UPSCALE", 0) == 0
+    finally:
+        worker.stop()

@@ -351,3 +351,31 @@ def test_the_shutdown_deadline_is_not_swallowed_by_a_worker_that_will_not_stop()
         await worker._task
 
     asyncio.run(scenario())
+
+
+def test_a_budget_refuses_the_submission_that_would_pass_it_and_frees_what_never_ran(
+        stack: Stack, r: redis.Redis) -> None:
+    """AIGC2D IMAGINE costs 100 points; acme may commit 250. A task the provider refuses
+    (a banned word) gives its 100 back; the one that would pass 250 stores nothing."""
+    receiver, simulator = stack(tenant_budgets={"acme": {"points": 250}, "*": {"points": 0}})
+    with receiver.client("key-acme") as acme, receiver.client("key-beta") as beta:
+        first = submit(acme, provider="aigc2d", prompt="fox")["id"]
+        banned = submit(acme, provider="aigc2d", prompt="a banned fox")["id"]
+        assert wait_final(acme, banned)["status"] == "FAILURE"
+        second = submit(acme, provider="aigc2d", prompt="fox")["id"]
+        listed = len(acme.get("/tasks").json()["tasks"])
+        refused = acme.post("/tasks", json={"provider": "aigc2d", "prompt": "fox"})
+        assert refused.status_code == 402, refused.text
+        assert refused.json()["error"] == "budget_exceeded"
+        assert "committed 200 points of its budget of 250" in refused.json()["detail"]
+        assert len(acme.get("/tasks").json()["tasks"]) == listed  # nothing stored
+        assert [wait_final(acme, j)["status"] for j in (first, second)] == ["SUCCESS"] * 2
+        assert acme.get("/usage").json()["budgets"] == {
+            "points": {"limit": 250, "committed": 200, "left": 50}}
+        # every other tenant: "*", 0 points
+        assert beta.post("/tasks", json={"provider": "aigc2d", "prompt": "fox"}
+                         ).status_code == 402
+        # mjproxy has no price: no budget applies
+        assert beta.post("/tasks", json={"provider": "mjproxy", "prompt": "fox"}
+                         ).status_code == 202
+    assert sim_stats(simulator)["submitted"] == 3  # first, second, beta's (banned: refused)
