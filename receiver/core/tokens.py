@@ -117,18 +117,8 @@ class TokenSigner:
 
     def verify_subscribe(self, token: str) -> SubscribeClaims:
         """A subscribe token's claims; short-lived, so not cached."""
-        try:
-            payload = self._subscribe.loads(token, max_age=self.subscribe_ttl)
-        except SignatureExpired as exc:
-            raise ExpiredToken("the subscribe token has expired") from exc
-        except (BadSignature, UnicodeError) as exc:
-            raise BadToken("the subscribe token is not valid") from exc
-        tenant, task = (payload.get("t"), payload.get("k")) if isinstance(payload, dict) else (
-            None, None)
-        if not (isinstance(tenant, str) and TENANT_RE.match(tenant)
-                and (task is None or (isinstance(task, str) and JOB_ID_RE.match(task)))):
-            raise BadToken("the subscribe token is not valid")
-        return SubscribeClaims(tenant, task)
+        return SubscribeClaims(*_scoped(self._subscribe, token, self.subscribe_ttl,
+                                        "subscribe", task_required=False))
 
     def mint_image(self, tenant: str, task_id: str) -> str:
         """A token for ``?token=`` on one task's archived images (an ``<img>`` sends no
@@ -137,17 +127,8 @@ class TokenSigner:
 
     def verify_image(self, token: str) -> tuple[str, str]:
         """(tenant, task id) of an image token."""
-        try:
-            payload = self._image.loads(token, max_age=self.image_ttl)
-        except SignatureExpired as exc:
-            raise ExpiredToken("the image token has expired") from exc
-        except (BadSignature, UnicodeError) as exc:
-            raise BadToken("the image token is not valid") from exc
-        tenant, task = (payload.get("t"), payload.get("k")) if isinstance(payload, dict) else (
-            None, None)
-        if not (isinstance(tenant, str) and TENANT_RE.match(tenant)
-                and isinstance(task, str) and JOB_ID_RE.match(task)):
-            raise BadToken("the image token is not valid")
+        tenant, task = _scoped(self._image, token, self.image_ttl, "image", task_required=True)
+        assert task is not None
         return tenant, task
 
     def _verify(self, token: str) -> tuple[CallbackClaims, float]:
@@ -162,6 +143,24 @@ class TokenSigner:
         except (BadSignature, UnicodeError) as exc:  # UnicodeError: not text a key signs
             raise BadToken("the callback token is not valid") from exc
         return _claims(payload), signed_at.timestamp()
+
+
+def _scoped(serializer: URLSafeTimedSerializer, token: str, ttl: int, what: str,
+            task_required: bool) -> tuple[str, str | None]:
+    """(tenant, task id or None) of a short-lived token scoped to a tenant or one task."""
+    try:
+        payload = serializer.loads(token, max_age=ttl)
+    except SignatureExpired as exc:
+        raise ExpiredToken(f"the {what} token has expired") from exc
+    except (BadSignature, UnicodeError) as exc:
+        raise BadToken(f"the {what} token is not valid") from exc
+    tenant, task = (payload.get("t"), payload.get("k")) if isinstance(payload, dict) else (
+        None, None)
+    if not (isinstance(tenant, str) and TENANT_RE.match(tenant)
+            and ((task is None and not task_required)
+                 or (isinstance(task, str) and JOB_ID_RE.match(task)))):
+        raise BadToken(f"the {what} token is not valid")
+    return tenant, task
 
 
 # What our tokens are made of (URL-safe base64 and dots), so one token has one spelling

@@ -8,12 +8,13 @@ import time
 import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from receiver.core.constants import CALLBACK_SALT, SUBSCRIBE_SALT
+from receiver.core.constants import CALLBACK_SALT, IMAGE_SALT, SUBSCRIBE_SALT
 from receiver.core.tokens import (
     BadToken,
     CallbackClaims,
     ExpiredToken,
     MissingToken,
+    SubscribeClaims,
     TokenSigner,
     WrongProvider,
 )
@@ -22,7 +23,8 @@ CLAIMS = CallbackClaims("0123456789abcdef0123", "acme", "mjproxy")
 TTL = 3600
 
 
-def old_token(key: str, age: int, salt: str = CALLBACK_SALT) -> str:
+def old_token(key: str, age: int, salt: str = CALLBACK_SALT,
+              payload: dict[str, str] | None = None) -> str:
     """A token signed ``age`` seconds ago, with the production salt and digest."""
 
     class Past(TimestampSigner):
@@ -32,7 +34,8 @@ def old_token(key: str, age: int, salt: str = CALLBACK_SALT) -> str:
     serializer = URLSafeTimedSerializer(
         key, salt=salt, signer=Past, signer_kwargs={"digest_method": hashlib.sha256}
     )
-    return serializer.dumps({"j": CLAIMS.job_id, "t": CLAIMS.tenant, "p": CLAIMS.provider})
+    return serializer.dumps(payload or {"j": CLAIMS.job_id, "t": CLAIMS.tenant,
+                                        "p": CLAIMS.provider})
 
 
 def test_round_trip() -> None:
@@ -102,3 +105,18 @@ def test_wrong_provider_and_missing_token() -> None:
 def test_token_of_another_purpose_is_refused() -> None:
     with pytest.raises(BadToken):
         TokenSigner(["k1"], TTL).verify_callback(old_token("k1", 0, SUBSCRIBE_SALT), "mjproxy")
+
+
+def test_an_image_token_names_one_task_and_passes_for_no_other_purpose() -> None:
+    signer = TokenSigner(["k1"], TTL, subscribe_ttl=60, image_ttl=60)
+    image = signer.mint_image("acme", "0123456789abcdef0123")
+    assert signer.verify_image(image) == ("acme", "0123456789abcdef0123")
+    subscribe = signer.mint_subscribe(SubscribeClaims("acme", "0123456789abcdef0123"))
+    with pytest.raises(BadToken):
+        signer.verify_image(subscribe)  # salted apart, both ways
+    with pytest.raises(BadToken):
+        signer.verify_subscribe(image)
+    with pytest.raises(BadToken):  # a tenant-wide subscribe token's shape: no task
+        signer.verify_image(signer._image.dumps({"t": "acme", "k": None}))
+    with pytest.raises(ExpiredToken):  # signed 61 s ago, for a minute
+        signer.verify_image(old_token("k1", 61, IMAGE_SALT, {"t": "acme", "k": CLAIMS.job_id}))
