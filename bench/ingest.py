@@ -101,6 +101,9 @@ class Run:
     sent: int  # requests in the cycled list
     stored: int | None = None  # transitions stored during the run (ours only)
     round: int = 0
+    # CPU per request answered (user + system, from /proc): the server process, redis-server
+    server_us: float = 0.0
+    redis_us: float = 0.0
 
 
 # --- servers -------------------------------------------------------------------------------
@@ -122,6 +125,15 @@ def uvicorn_command(app: str, port: int) -> list[str]:
             "--port", str(port), *UVICORN_FLAGS]
 
 
+SERVER_PIDS: dict[str, int] = {}  # base URL -> the process serving it (for its CPU time)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used (utime + stime of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def child_server(command: list[str], port: int, env: dict[str, str], log_path: Path,
                  start_timeout: float = 20.0, cwd: Path = ROOT
@@ -133,6 +145,7 @@ def child_server(command: list[str], port: int, env: dict[str, str], log_path: P
                                 stderr=subprocess.STDOUT)
         try:
             wait_http(f"http://{HOST}:{port}", proc, log_path, timeout=start_timeout)
+            SERVER_PIDS[f"http://{HOST}:{port}"] = proc.pid
             yield proc
         finally:
             proc.terminate()
@@ -362,8 +375,9 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
     names = {"ours": "receiver, access log off", "ours-log": "receiver, access log on",
              "bare": "bare starlette"}
     rows = [
-        "| round | server | req/s | p50 | p99 | requests | errors | stored | not stored |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| round | server | req/s | p50 | p99 | requests | errors | stored | not stored "
+        "| server CPU / req | redis CPU / req |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in runs:
         stored = "n/a | n/a" if run.stored is None else (
@@ -371,13 +385,17 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
         rows.append(
             f"| {run.round + 1} | {names[run.server]} | {run.wrk.rate:,.0f} | "
             f"{run.wrk.p50_ms:.2f} ms | {run.wrk.p99_ms:.2f} ms | {run.wrk.requests:,} | "
-            f"{run.wrk.errors} | {stored} |")
+            f"{run.wrk.errors} | {stored} | {run.server_us:.0f} us | {run.redis_us:.0f} us |")
     wrapped = [r for r in runs if r.server != "bare" and r.wrk.requests > r.sent]
 
     def every(values: list[float]) -> str:
         return ", ".join(f"{v:.1%}" for v in values)
 
     m_off, m_on, m_log = (statistics.median(v) for v in (off, on, log))
+
+    def cpu(server: str, attribute: str) -> float:
+        return float(statistics.median(getattr(r, attribute) for r in runs
+                                       if r.server == server))
     return "\n".join([
         "## bench/ingest",
         "",
@@ -415,6 +433,10 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
         f"{'met' if m_on >= 0.45 else 'NOT met'}); every round: {every(on)}",
         f"- **access log on / off: median {m_log:.1%}** (goal >= 90%: "
         f"{'met' if m_log >= 0.9 else 'NOT met'}); every round: {every(log)}",
+        f"- CPU per request (medians; user + system from /proc, over each run): receiver "
+        f"{cpu('ours', 'server_us'):.0f} us in its process + {cpu('ours', 'redis_us'):.0f} us "
+        f"in redis-server; bare {cpu('bare', 'server_us'):.0f} us. On 2 cores shared with wrk "
+        "and redis-server, the rate follows the sum.",
         "",
         "Stored transitions are counted in Redis afterwards (each job's history, less its "
         "created event); \"not stored\" = requests answered as duplicate or stale (the up to "
@@ -478,7 +500,8 @@ def write_markdown(section: str, path: Path, heading: str = "## bench/ingest") -
 
 
 def measure(args: argparse.Namespace, bases: dict[str, str], client: redis.Redis,
-            tmp: Path, script: Path, out_dir: Path) -> tuple[list[Run], int, int]:
+            tmp: Path, script: Path, out_dir: Path, redis_pid: int = 0
+            ) -> tuple[list[Run], int, int]:
     """Warm up both servers, then alternate measured runs; (runs, jobs per run, window)."""
     window = max(256, 4 * args.connections)
     next_id = int(time.time() * 1e6)  # provider task ids: distinct numeric strings
@@ -510,9 +533,15 @@ def measure(args: argparse.Namespace, bases: dict[str, str], client: redis.Redis
             if server != "bare" or fresh is None:  # a side that stores needs fresh jobs
                 fresh = prepare(jobs_per_run, f"round {k + 1}, {server}")
             jobs, data, size = fresh
+            pid = SERVER_PIDS[bases[server]]
+            before = cpu_seconds(pid), cpu_seconds(redis_pid) if redis_pid else 0.0
             result = run_wrk(bases[server], script, data, args.connections, args.duration)
+            used = (cpu_seconds(pid) - before[0],
+                    (cpu_seconds(redis_pid) - before[1]) if redis_pid else 0.0)
             stored = stored_transitions(client, jobs) if server != "bare" else None
-            runs.append(Run(server, result, size, stored, k))
+            answered = max(1, result.requests)
+            runs.append(Run(server, result, size, stored, k, used[0] / answered * 1e6,
+                            used[1] / answered * 1e6))
             (out_dir / f"wrk-{len(runs)}-{server}.txt").write_text(result.output)
             print(f"  {server}: {result.rate:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
                   f"p99 {result.p99_ms:.2f} ms, {result.requests:,} requests"
@@ -571,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                         uvicorn_server(BARE_APP, env, tmp / "bare.log") as bare:
                     runs, jobs_per_run, window = measure(
                         args, {"ours": ours, "ours-log": logged, "bare": bare}, client, tmp,
-                        script, out_dir)
+                        script, out_dir, redis_pid=store.process.pid if store.process else 0)
         finally:
             client.close()
             store.stop()
