@@ -435,8 +435,11 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
         f"{'met' if m_log >= 0.9 else 'NOT met'}); every round: {every(log)}",
         f"- CPU per request (medians; user + system from /proc, over each run): receiver "
         f"{cpu('ours', 'server_us'):.0f} us in its process + {cpu('ours', 'redis_us'):.0f} us "
-        f"in redis-server; bare {cpu('bare', 'server_us'):.0f} us. On 2 cores shared with wrk "
-        "and redis-server, the rate follows the sum.",
+        f"in redis-server; bare {cpu('bare', 'server_us'):.0f} us: bare over ours "
+        f"**{cpu('bare', 'server_us') / (cpu('ours', 'server_us') + cpu('ours', 'redis_us')):.1%}"
+        "**, what the rate ratio tends to where CPU is the limit. Unlike the rates, this does "
+        "not move with a host that lends its cores unevenly: when the rounds' ratios spread "
+        "widely, read this line.",
         "",
         "Stored transitions are counted in Redis afterwards (each job's history, less its "
         "created event); \"not stored\" = requests answered as duplicate or stale (the up to "
