@@ -13,6 +13,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -54,9 +55,14 @@ class ImageStore:
         else:
             config = {name.lower(): value for name, value in (aws or {}).items()}
             endpoint = config.get("aws_endpoint_url_s3") or config.get("aws_endpoint_url", "")
+            # obstore retries a timed-out request up to 10 times within 3 minutes by
+            # default: a GET /images from a bucket that accepts and never answers would
+            # hang that long. Here: one 30 s request, and retries only within 10 s.
             self._store = S3Store.from_url(
                 url, config=cast("S3Config", config),
-                client_options={"allow_http": endpoint.startswith("http://")})
+                client_options={"allow_http": endpoint.startswith("http://"),
+                                "connect_timeout": timedelta(seconds=5)},
+                retry_config={"max_retries": 2, "retry_timeout": timedelta(seconds=10)})
 
     @staticmethod
     def _path(name: str) -> str:

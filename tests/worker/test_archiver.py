@@ -345,3 +345,23 @@ def test_a_sweep_goes_on_until_no_expired_image_is_left(
 
     assert asyncio.run(sweep()) == 5
     assert not list(tmp_path.glob("*/*.png")) and r.zcard(KEYS.images()) == 0
+
+
+def test_a_store_that_is_down_is_a_503(
+        stack: Stack, r: redis.Redis, tmp_path: Path) -> None:
+    s3 = S3Server().start()
+    try:
+        bucket = s3.bucket("down")
+        receiver, simulator = stack(image_store=f"s3://{bucket}", aws=s3.aws())
+        with receiver.client("key-acme") as acme:
+            job, url = mint(acme)
+            success(url, f"{simulator.url}/images/down.png", "down-1", acme)
+            archived = wait_archived(acme, job)["archived_image_url"]
+            assert acme.get(archived).status_code == 200
+            s3.stop()  # the bucket's host is gone
+            gone = acme.get(archived, timeout=30)
+            assert gone.status_code == 503, gone.text
+            assert gone.json()["error"] == "image_store_unavailable"
+            assert gone.headers["retry-after"] == "5"
+    finally:
+        s3.stop()
