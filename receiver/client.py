@@ -99,6 +99,21 @@ def _json(response: httpx.Response) -> Any:
     raise _refusal(response)
 
 
+def _bytes(response: httpx.Response) -> bytes:
+    if response.is_success:
+        return response.content
+    raise _refusal(response)
+
+
+def _image_path(url: str) -> str:
+    """An archived image's path on the service: the URL may name the service otherwise
+    (PUBLIC_BASE_URL, an inner host) than this client reaches it."""
+    path = httpx.URL(url).raw_path.decode("ascii")
+    if not path.startswith("/images/"):
+        raise ValueError(f"not an archived image's URL: {url[:200]!r}")
+    return path
+
+
 def _fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -179,6 +194,20 @@ class Client(_Base):
         minted: dict[str, Any] = self._call("POST", "/callback-urls",
                                             json=_fields({"provider": provider, **fields}))
         return minted
+
+    def images(self, task_id: str) -> dict[str, Any]:
+        """``GET /tasks/{id}/images``: the task's archived images as signed URLs for
+        ``<img>`` tags (``image_url``, ``image_urls``, valid ``expires_in`` seconds)."""
+        signed: dict[str, Any] = self._call("GET", f"/tasks/{task_id}/images")
+        return signed
+
+    def image(self, url: str) -> bytes:
+        """An archived image's bytes (a task's ``archived_image_url`` or one of its
+        ``archived_image_urls``), fetched with the API key."""
+        try:
+            return _bytes(self._http.get(_image_path(url)))
+        except httpx.TransportError as exc:
+            raise Unreachable(0, "unreachable", f"{self.base_url}: {exc!r}") from exc
 
     def events(self, task_id: str | None = None, last_event_id: str | None = None
                ) -> Iterator[Task]:
@@ -282,6 +311,18 @@ class AsyncClient(_Base):
         minted: dict[str, Any] = await self._call(
             "POST", "/callback-urls", json=_fields({"provider": provider, **fields}))
         return minted
+
+    async def images(self, task_id: str) -> dict[str, Any]:
+        """As `Client.images`."""
+        signed: dict[str, Any] = await self._call("GET", f"/tasks/{task_id}/images")
+        return signed
+
+    async def image(self, url: str) -> bytes:
+        """As `Client.image`."""
+        try:
+            return _bytes(await self._http.get(_image_path(url)))
+        except httpx.TransportError as exc:
+            raise Unreachable(0, "unreachable", f"{self.base_url}: {exc!r}") from exc
 
     def events(self, task_id: str | None = None, last_event_id: str | None = None
                ) -> AsyncIterator[Task]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +141,38 @@ def test_the_async_client(service: Serve) -> None:
 
     seen = asyncio.run(main())
     assert seen[-1] == "SUCCESS"
+
+
+def test_a_tasks_archived_images_signed_and_fetched(tmp_path: Path) -> None:
+    port = free_port()
+    proc = serve_process(port, {
+        "RECEIVER_API_KEYS": KEYS, "RECEIVER_DATA_DIR": str(tmp_path / "data"),
+        "SIMULATOR_STEP_INTERVAL": "0.05", "IMAGE_STORE": f"file://{tmp_path / 'images'}"},
+        tmp_path / "serve.log", "--simulator", "--no-access-log", session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with Client(url, api_key="key-acme") as client:
+            task = client.submit(prompt="a red fox", provider="mjproxy")
+            client.wait(task["id"], timeout=30)
+            deadline = time.monotonic() + 20  # the worker keeps them just after the SUCCESS
+            while not (done := client.get(task["id"]))["archived_image_url"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            kept = client.image(done["archived_image_url"])
+            assert kept.startswith(b"\x89PNG")
+            signed = client.images(task["id"])
+            assert httpx.get(signed["image_url"]).content == kept  # no key: the token
+            with pytest.raises(NotFound):
+                client.image(f"{url}/images/{task['id']}/{'0' * 64}.png")
+            with pytest.raises(ValueError, match="not an archived image"):
+                client.image(f"{url}/tasks/{task['id']}")
+
+        async def the_async_one() -> bytes:
+            async with AsyncClient(url, api_key="key-acme") as client:
+                assert (await client.images(task["id"]))["image_url"]
+                return await client.image(done["archived_image_url"])
+
+        assert asyncio.run(the_async_one()) == kept
+    finally:
+        proc.terminate()
+        proc.wait(30)
