@@ -965,3 +965,19 @@ def test_each_image_is_its_own_png_until_the_links_expire(sim: httpx.Client) -> 
     expired = sim.get("/images/a.png")
     assert expired.status_code == 404 and "no longer available" in expired.text
     assert sim.get("/_sim/stats").json()["image_requests"] == 4
+
+
+@pytest.mark.parametrize(("flavor", "answer"), [
+    ("trueai", b"Authorization header missing."),  # SimpleAuthMiddleware: no such user
+    ("novicezk", b""),  # ApiAuthorizeInterceptor: the status only
+])
+def test_a_key_the_relay_does_not_know_is_refused_as_no_key(
+        make_sim: Callable[..., httpx.Client], flavor: str, answer: bytes) -> None:
+    sim = make_sim(mjproxy_flavor=flavor, api_keys=("good",))
+    refused = sim.post("/mj/submit/imagine", json={"prompt": "x"},
+                       headers={"mj-api-secret": "wrong"})
+    assert (refused.status_code, refused.content) == (401, answer)
+    taken = sim.post("/mj/submit/imagine", json={"prompt": "x"},
+                     headers={"mj-api-secret": "good"})
+    assert taken.status_code == 200 and taken.json()["code"] == 1
+    assert sim.get("/_sim/stats").json()["refused_keys"] == 1

@@ -86,6 +86,7 @@ class Simulator:
         self.answered_queued = 0  # mjproxy code 22
         self.cancelled = 0
         self.image_requests = 0  # GET /images/*, expired or not
+        self.refused_keys = 0  # mjproxy requests with a key not in `api_keys`
         self._transient_turn = 0
 
     def stats(self) -> dict[str, Any]:
@@ -98,6 +99,7 @@ class Simulator:
             "answered_queued": self.answered_queued,
             "cancelled": self.cancelled,
             "image_requests": self.image_requests,
+            "refused_keys": self.refused_keys,
             "callbacks_sent": self.callbacks["sent"],
             "callbacks_dropped": self.callbacks["dropped"],
             "callbacks_failed": self.callbacks["failed"],

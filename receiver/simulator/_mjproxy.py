@@ -116,12 +116,14 @@ def gate(request: Request, route: str) -> tuple[Simulator, str, str] | Response:
     if faults.rate_limited:
         return empty(429)  # trueai's RateLimitingMiddleware (novicezk: its reverse proxy)
     account = account_of(request, flavor)
+    if account is not None and sim.config.api_keys and account not in sim.config.api_keys:
+        sim.refused_keys += 1
+        account = None  # answered as no key at all, in both generations
     if account is None:
-        if flavor == "trueai":  # SimpleAuthMiddleware writes a text body
+        # trueai's SimpleAuthMiddleware: no user for the token (none sent, or unknown) is a
+        # 401 with this text; novicezk's ApiAuthorizeInterceptor: the status only
+        if flavor == "trueai":
             return Response("Authorization header missing.", 401, media_type="text/plain")
-        return empty(401)  # ApiAuthorizeInterceptor: the status only
-    if sim.config.api_keys and account not in sim.config.api_keys:
-        sim.hit("mjproxy", "refused_key")
         return empty(401)
     sim.hit("mjproxy", route)
     return sim, flavor, account
