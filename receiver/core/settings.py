@@ -261,12 +261,14 @@ class Settings:
         pools = self.pools()
         return next(iter(pools)) if len(pools) == 1 else None
 
-    def budget(self, tenant: str, unit: str) -> int | None:
-        """The tenant's budget in ``unit`` (TENANT_BUDGETS), or None for no limit."""
+    def budgets(self, tenant: str) -> dict[str, int]:
+        """The tenant's budgets by unit (TENANT_BUDGETS: its own, else ``*``'s)."""
         own = self.tenant_budgets.get(tenant)
-        if own is None:
-            own = self.tenant_budgets.get("*", {})
-        return own.get(unit)
+        return self.tenant_budgets.get("*", {}) if own is None else own
+
+    def budget(self, tenant: str, unit: str) -> int | None:
+        """The tenant's budget in ``unit``, or None for no limit."""
+        return self.budgets(tenant).get(unit)
 
     def signing_keys(self) -> list[str]:
         """The secret keys as itsdangerous wants them; an ephemeral one if none is set."""

@@ -93,13 +93,6 @@ class ArchiveQueue:
         """Archived, or given up: off the queue."""
         await self.redis.zrem(self.keys.archive(item.tenant), item.job_id)
 
-    async def depth(self, tenants: Iterable[str]) -> int:
-        """Tasks waiting (or being archived) over ``tenants``."""
-        pipe = self.redis.pipeline(transaction=False)
-        for tenant in tenants:
-            pipe.zcard(self.keys.archive(tenant))
-        return sum(await pipe.execute())
-
 
 class ImageLedger:
     """Until when each kept image is needed (`Keys.images`), and the lock of each image."""

@@ -144,20 +144,20 @@ local parts = {}
 for i = 1, N do parts[2 * i - 1] = NAMES[i]; parts[2 * i] = vals[i] end
 local data = table.concat(parts) .. ',"event":"' .. kind .. '","event_id":"' .. id .. '"}'
 
--- The tenant's budget (a create with a price and ARGV[25]): what it committed in the unit,
--- plus this task's price, within it, or nothing is written.
-local reserve
-if op == 'create' and ARGV[25] ~= '' then
+-- A create's price (its control field b), reserved below; within the tenant's budget
+-- (ARGV[25]): what it committed in the unit plus this price, or nothing is written.
+local price
+if op == 'create' then
   for i = 26, #ARGV, 2 do
-    if ARGV[i] == 'b' then reserve = ARGV[i + 1] end
+    if ARGV[i] == 'b' then price = ARGV[i + 1] end
   end
-  if reserve then
-    local field, amount = parse_billing(reserve)
-    local unit = string.match(field, '([^|]*)$')
-    local committed = tonumber(redis.call('HGET', KEYS[6], '@committed|' .. unit)) or 0
-    if committed + tonumber(amount) > tonumber(ARGV[25]) then
-      return {'budget', tostring(committed), unit}
-    end
+end
+if price and ARGV[25] ~= '' then
+  local field, amount = parse_billing(price)
+  local unit = string.match(field, '([^|]*)$')
+  local committed = tonumber(redis.call('HGET', KEYS[6], '@committed|' .. unit)) or 0
+  if committed + tonumber(amount) > tonumber(ARGV[25]) then
+    return {'budget', tostring(committed), unit}
   end
 end
 
@@ -208,13 +208,11 @@ else
 end
 if op == 'create' and #ARGV > 25 then  -- the submitter's control fields
   redis.call('HSET', KEYS[1], unpack(ARGV, 26))
-  for i = 26, #ARGV, 2 do  -- a priced task reserves its price at once
-    if ARGV[i] == 'b' then
-      local field, amount = parse_billing(ARGV[i + 1])
-      commit(field, amount, 1)
-      redis.call('HSET', KEYS[1], 'c', 'r')
-    end
-  end
+end
+if price then  -- a priced task reserves its price at once
+  local field, amount = parse_billing(price)
+  commit(field, amount, 1)
+  redis.call('HSET', KEYS[1], 'c', 'r')
 end
 -- A reserved task that ended without a charge (never sent, refused) gives its price back.
 if exists and charged == 'r' and failed(status) then

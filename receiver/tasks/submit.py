@@ -100,7 +100,7 @@ async def get_usage(request: Request) -> Response:
     svc = services(request)
     counters = await svc.redis.hgetall(svc.store.keys.usage(tenant))  # type: ignore[misc]
     report = usage_report(counters)
-    own = svc.settings.tenant_budgets.get(tenant, svc.settings.tenant_budgets.get("*", {}))
+    own = svc.settings.budgets(tenant)
     committed = {name.decode().partition("|")[2]: int(value)
                  for name, value in counters.items() if name.startswith(b"@committed|")}
     report["budgets"] = {unit: {"limit": limit, "committed": committed.get(unit, 0),
@@ -120,8 +120,9 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
     client = svc.clients[pool[0].name]  # what the provider's API takes: one for the pool
     action = (_clean(new.action) or "").upper() or None
     mode = (_clean(new.mode) or "").upper() or None
-    if mode is not None and mode not in pool_modes(svc, pool):
-        offered = ", ".join(pool_modes(svc, pool)) or "no modes"
+    served = pool_modes(svc, pool)
+    if mode is not None and mode not in served:
+        offered = ", ".join(served) or "no modes"
         flavor = f" ({pool[0].flavor})" if provider == "mjproxy" else ""
         raise BadRequest(f"{provider}{flavor} has {offered}, not {mode!r}")
     affinity = None
@@ -136,13 +137,14 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
         if action in BUTTON_ACTIONS:
             raise BadRequest(f"{action} acts on a finished task: give its 'parent_id'")
         mode = mode or DEFAULT_MODE.get(provider)
-        if mode is not None and mode not in pool_modes(svc, pool):
+        if mode is not None and mode not in served:
             raise BadRequest(f"no {provider} account here serves {mode} (the provider's "
-                             f"default): name a mode, one of {', '.join(pool_modes(svc, pool))}")
+                             f"default): name a mode, one of {', '.join(served)}")
     else:
         parent = orjson.loads(await task_or_404(svc, tenant, parent_id))
-        if not await svc.redis.hexists(  # type: ignore[misc]
-                svc.store.keys.task(tenant, parent_id), "a"):
+        sent_by = await svc.redis.hget(  # type: ignore[misc]
+            svc.store.keys.task(tenant, parent_id), "a")
+        if sent_by is None:
             # Its provider task id came from a callback URL's caller, who may have named
             # someone else's task: only an id the provider gave our key is acted on.
             raise ParentNotSubmittedHere(
@@ -158,7 +160,7 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
                 f"the parent ran in {ran} mode; its actions must too (the provider's "
                 f"{ran} and {mode} pools are separate)", provider)
         mode, parent_ptid = parent["mode"], parent["provider_task_id"]
-        affinity = await _parent_account(svc, tenant, parent_id, pool)
+        affinity = _parent_account(svc, sent_by.decode(), pool)
         action, custom_id = _button(parent, action, _clean(new.custom_id)
                                     or _clean(new.button), index, provider)
     if action not in ACTIONS:
@@ -209,12 +211,9 @@ async def submit_task(svc: Services, tenant: str, new: NewTask) -> bytes:
     return outcome.data
 
 
-async def _parent_account(svc: Services, tenant: str, parent_id: str,
-                          pool: list[ProviderAccount]) -> str:
-    """The account that ran the parent: the only one whose provider knows it."""
-    sent_by = await svc.redis.hget(  # type: ignore[misc]
-        svc.store.keys.task(tenant, parent_id), "a")
-    name = sent_by.decode() if sent_by else ""
+def _parent_account(svc: Services, name: str, pool: list[ProviderAccount]) -> str:
+    """``name``, the account that ran the parent (the only one whose provider knows it), if
+    it is still in the pool."""
     if name not in {a.name for a in pool}:
         state = "disabled" if name in svc.settings.accounts else "no longer configured"
         raise ParentAccountGone(
