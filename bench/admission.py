@@ -22,7 +22,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from bench.ingest import ROOT, machine, write_markdown
+from bench.ingest import machine, publish
 from receiver.cli.redis_server import RedisServer
 from receiver.core.constants import Keys
 from receiver.store.admission import Account, Admission, Member
@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "those that follow (first come, first served: 998 to 1,007)",
         "",
     ]
-    print("\n".join(lines))
-    if not args.no_write:
-        write_markdown("\n".join(lines), ROOT / "BENCHMARKS.md", "## bench/admission")
+    publish(lines, "## bench/admission", write=not args.no_write)
     return 0
 
 

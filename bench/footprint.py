@@ -22,10 +22,9 @@ import httpx
 import orjson
 import redis
 
-from bench.ingest import callbacks, receiver_server, write_markdown
+from bench.ingest import callbacks, publish, receiver_server
 from receiver.cli.redis_server import RedisServer
 
-ROOT = Path(__file__).resolve().parent.parent
 DAY_TASKS = (10_000, 100_000, 1_000_000)
 TTL_DAYS = (1, 7, 30)
 
@@ -167,10 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         "Capacity, for the trueai-shaped IMAGINE (tasks a day kept `TASK_TTL`):",
         "",
         *capacity(next(iter(per_task.values())) / 1024),
+        "",
     ]
-    print("\n".join(lines))
-    if not args.no_write:
-        write_markdown("\n".join(lines) + "\n", ROOT / "BENCHMARKS.md", "## bench/footprint")
+    publish(lines, "## bench/footprint", write=not args.no_write)
     return 0
 
 

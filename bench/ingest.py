@@ -486,6 +486,15 @@ def report_against(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: 
     ])
 
 
+def publish(lines: list[str], heading: str, write: bool) -> None:
+    """Print a bench's section (``lines``, starting with ``heading``) and, if ``write``, put
+    it in BENCHMARKS.md in place of the section of that heading."""
+    section = "\n".join(lines)
+    print(section)
+    if write:
+        write_markdown(section, ROOT / "BENCHMARKS.md", heading)
+
+
 def write_markdown(section: str, path: Path, heading: str = "## bench/ingest") -> None:
     """Replace the ``heading`` section of ``path`` (or add it at the end), keep the rest."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from redis.asyncio import Redis
 
-from bench.ingest import CALLBACKS_PER_JOB, ROOT, callbacks, machine, write_markdown
+from bench.ingest import CALLBACKS_PER_JOB, callbacks, machine, publish
 from receiver.cli.redis_server import RedisServer
 from receiver.core.models import new_job_id
 from receiver.core.settings import Settings
@@ -33,26 +33,23 @@ from receiver.store.batcher import ScriptBatcher
 from receiver.store.tasks import TRANSITION, TaskStore
 
 # Lua that does one part of the script's work on the same stored values, for scale.
-PARTS = {
-    "an empty script": "return 1",
-    "splitting the stored values": """
+SPLIT = """
 local vals, s, pos = {}, ARGV[1], 1
 for k = 1, 21 do
   local e = string.find(s, '\\0', pos, true); vals[k] = string.sub(s, pos, e - 1); pos = e + 1
 end
 vals[22] = string.sub(s, pos)
-return 1""",
-    "splitting, then the snapshot and the values joined again": """
-local vals, s, pos = {}, ARGV[1], 1
-for k = 1, 21 do
-  local e = string.find(s, '\\0', pos, true); vals[k] = string.sub(s, pos, e - 1); pos = e + 1
-end
-vals[22] = string.sub(s, pos)
+"""
+ASSEMBLE = """
 local parts = {}
 for i = 1, 22 do parts[2 * i - 1] = ',"field' .. i .. '":'; parts[2 * i] = vals[i] end
 local data = table.concat(parts)
 local stored = table.concat(vals, '\\0')
-return 1""",
+"""
+PARTS = {
+    "an empty script": "return 1",
+    "splitting the stored values": SPLIT + "return 1",
+    "splitting, then the snapshot and the values joined again": SPLIT + ASSEMBLE + "return 1",
 }
 
 
@@ -131,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         + "; ".join(f"{name} {us:.1f} us" for name, us in parts.items()),
         "",
     ]
-    print("\n".join(lines))
-    if not args.no_write:
-        write_markdown("\n".join(lines), ROOT / "BENCHMARKS.md", "## bench/transition")
+    publish(lines, "## bench/transition", write=not args.no_write)
     return 0
 
 
