@@ -28,41 +28,49 @@ async def take(admission: Admission, limit: int) -> Member | None:
     return None if taken is None else taken.member
 
 
-async def race(url: str, tasks: int, limit: int, dispatchers: int, seed: int,
-               tenants: int = 1, cap: int = 0) -> list[int]:
-    """Dispatchers on their own connections take slots and finish tasks at random; returns
-    the slots in use seen after every acquire."""
+async def race(url: str, pool: list[Account], tasks: int, dispatchers: int, seed: int,
+               tenants: int = 1, cap: int = 0, moded: bool = False) -> dict[str, list[int]]:
+    """Dispatchers on their own connections take slots of the pool's accounts and finish
+    tasks at random (``moded``: the tasks ask for a mode at random). Returns, per account,
+    its slots in use after each task it took; checks every task went once, to an account
+    that serves its mode, and no tenant held more than ``cap`` of an account's slots."""
     clients = [Redis.from_url(url) for _ in range(dispatchers)]
     admissions = [Admission(c, KEYS, tenant_cap=cap) for c in clients]
-    queued = [member(i, f"t{i % tenants}") for i in range(tasks)]
-    for m in queued:
-        await admissions[0].enqueue("acct", m)
     rng = random.Random(seed)
+    modes = {m: rng.choice([None, "FAST", "RELAX"]) if moded else None
+             for m in (member(i, f"t{i % tenants}") for i in range(tasks))}
+    for m, mode in modes.items():
+        await admissions[0].enqueue("p", m, mode)
     popped: list[Member] = []
-    in_use: list[int] = []
+    in_use: dict[str, list[int]] = {a.name: [] for a in pool}
+    served = {a.name: a.modes for a in pool}
 
     async def dispatcher(admission: Admission) -> None:
         while True:
-            got = await take(admission, limit)
+            got = await admission.acquire("p", pool, 0)
             if got is None:
-                if await admission.depth("acct") == 0:
+                if await admission.depth("p") == 0:
                     return
                 await asyncio.sleep(0)
                 continue
-            popped.append(got)
-            in_use.append(await admission.redis.zcard(KEYS.slots("acct")))
+            assert got.account is not None
+            mode = modes[got.member]
+            assert not served[got.account] or mode is None or mode in served[got.account]
+            popped.append(got.member)
+            in_use[got.account].append(await admission.in_use("p", got.account))
             if cap:
-                held = await admission.redis.hget(KEYS.in_flight("acct"), got.tenant)
+                held = await admission.redis.hget(KEYS.in_flight(got.account, "p"),
+                                                  got.member.tenant)
                 assert int(held) <= cap
             await asyncio.sleep(rng.random() / 1000)
-            await admission.release("acct", "acct", got)  # the task ended
+            await admission.release("p", got.account, got.member)  # the task ended
 
     try:
         await asyncio.gather(*(dispatcher(a) for a in admissions))
     finally:
         for c in clients:
             await c.aclose()
-    assert sorted(popped) == sorted(queued)  # each exactly once
+    assert sorted(popped) == sorted(modes)  # each exactly once
     return in_use
 
 
@@ -73,9 +81,9 @@ def test_racing_dispatchers_never_exceed_the_limit(redis_server: RedisServer, ta
                                                    tenants: int, cap: int) -> None:
     """Nor any tenant its cap (TENANT_MAX_IN_FLIGHT), and every task is sent once."""
     redis.Redis(port=redis_server.port).flushall()
-    in_use = asyncio.run(race(redis_server.url, tasks, limit, dispatchers, seed, tenants,
-                              cap))
-    assert max(in_use) <= limit
+    in_use = asyncio.run(race(redis_server.url, [Account("p", limit)], tasks, dispatchers,
+                              seed, tenants, cap))
+    assert max(in_use["p"]) <= limit
 
 
 def test_oldest_first_and_requeue_keeps_the_place(r: redis.Redis,
@@ -211,53 +219,15 @@ def test_in_flight_counts_are_taken_again_from_the_slots(
 POOL = [Account("a", 2), Account("b", 4), Account("c", 3, modes=("RELAX",))]
 
 
-async def pool_race(url: str, tasks: int, dispatchers: int, seed: int,
-                    pool: list[Account]) -> dict[str, list[int]]:
-    """Dispatchers race over a pool; tasks ask for a mode at random. Returns, per account,
-    its slots in use after each task it took; checks every task went once, where it may."""
-    clients = [Redis.from_url(url) for _ in range(dispatchers)]
-    admissions = [Admission(c, KEYS) for c in clients]
-    rng = random.Random(seed)
-    modes = {m: rng.choice([None, "FAST", "RELAX"]) for m in
-             (member(i, f"t{i % 3}") for i in range(tasks))}
-    for m, mode in modes.items():
-        await admissions[0].enqueue("pool", m, mode)
-    popped: list[Member] = []
-    in_use: dict[str, list[int]] = {a.name: [] for a in pool}
-    served = {a.name: a.modes for a in pool}
-
-    async def dispatcher(admission: Admission) -> None:
-        while True:
-            got = await admission.acquire("pool", pool, 0)
-            if got is None:
-                if await admission.depth("pool") == 0:
-                    return
-                await asyncio.sleep(0)
-                continue
-            assert got.account is not None
-            mode = modes[got.member]
-            assert not served[got.account] or mode is None or mode in served[got.account]
-            popped.append(got.member)
-            in_use[got.account].append(
-                await admission.in_use("pool", got.account))
-            await asyncio.sleep(rng.random() / 1000)
-            await admission.release("pool", got.account, got.member)
-
-    try:
-        await asyncio.gather(*(dispatcher(a) for a in admissions))
-    finally:
-        for c in clients:
-            await c.aclose()
-    assert sorted(popped) == sorted(modes)  # each exactly once
-    return in_use
-
-
-@given(tasks=st.integers(1, 40), dispatchers=st.integers(1, 4), seed=st.integers(0, 2**16))
+@given(tasks=st.integers(1, 40), dispatchers=st.integers(1, 4), seed=st.integers(0, 2**16),
+       cap=st.integers(0, 3))
 def test_racing_dispatchers_never_exceed_any_accounts_limit_in_a_pool(
-        redis_server: RedisServer, tasks: int, dispatchers: int, seed: int) -> None:
-    """And each task goes once, to an account that serves its mode."""
+        redis_server: RedisServer, tasks: int, dispatchers: int, seed: int, cap: int) -> None:
+    """And each task goes once, to an account that serves its mode, its tenant within the
+    cap at each account."""
     redis.Redis(port=redis_server.port).flushall()
-    in_use = asyncio.run(pool_race(redis_server.url, tasks, dispatchers, seed, POOL))
+    in_use = asyncio.run(race(redis_server.url, POOL, tasks, dispatchers, seed, tenants=3,
+                              cap=cap, moded=True))
     for account in POOL:
         assert max(in_use[account.name], default=0) <= account.limit
 
