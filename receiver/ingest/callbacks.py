@@ -10,6 +10,8 @@ routing layers (measured in ARCHITECTURE.md); errors still go through the app's 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from time import perf_counter
 from urllib.parse import unquote
 
@@ -19,14 +21,15 @@ from starlette.types import Receive, Scope, Send
 
 from receiver.core.errors import (
     NotFound,
+    PayloadTooLarge,
     ReceiverError,
     StoreUnavailable,
 )
 from receiver.core.limits import check_json
 from receiver.core.models import TaskStatus
-from receiver.core.tokens import WrongJob
+from receiver.core.tokens import CallbackClaims, WrongJob
 from receiver.ingest.verify import verify
-from receiver.providers.dialects import DIALECTS
+from receiver.providers.dialects import DIALECTS, Parser
 from receiver.services.container import Services
 from receiver.services.http import decode_body, read_body
 
@@ -40,33 +43,64 @@ class UnknownProvider(NotFound):
 
 async def receive_callback(scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI endpoint. Raises domain and Redis errors for the handlers to answer."""
-    svc: Services = scope["app"].state.services
-    provider = scope["path"][len(PREFIX):]
+    answered = await ingest(scope["app"].state.services, scope["path"][len(PREFIX):],
+                            scope["query_string"], scope["headers"], None, receive)
+    if answered is None:
+        return  # the sender hung up: nobody to answer
+    status, answer = answered
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*_JSON_HEADERS, (b"content-length", b"%d" % len(answer))]})
+    await send({"type": "http.response.body", "body": answer})
+
+
+async def ingest(svc: Services, provider: str, query_string: bytes,
+                 headers: list[tuple[bytes, bytes]], body: bytes | None, receive: Receive
+                 ) -> tuple[int, bytes] | None:
+    """The callback's (status, JSON answer), or None if its sender hung up. ``body``: the
+    whole body when the caller has it (`receiver.server.direct`), else None and it is read
+    from ``receive``, after the checks that need none. Raises domain and Redis errors."""
+    with counted(svc, provider):
+        parser, claims = admit(svc, provider, query_string)
+        length, encoding = framing(headers)
+        limit = svc.settings.max_body_bytes
+        if body is None:
+            body = await read_body(receive, length, limit, svc.settings.body_timeout)
+            if body is None:
+                return None
+        elif len(body) > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        status, answer, outcome = await accept(svc, parser, claims, body, encoding)
+    svc.metrics.callback(provider, outcome)
+    return status, answer
+
+
+@contextmanager
+def counted(svc: Services, provider: str) -> Iterator[None]:
+    """Counts a refused callback by its error's code (an unknown provider as one)."""
     try:
-        outcome = await _receive(svc, provider, scope, receive, send)
+        yield
     except ReceiverError as exc:
         svc.metrics.callback(provider if provider in DIALECTS else "unknown", exc.code)
         raise
     except RedisError:
         svc.metrics.callback(provider, StoreUnavailable.code)
         raise
-    if outcome is not None:
-        svc.metrics.callback(provider, outcome)
 
 
-async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive, send: Send
-                   ) -> str | None:
-    """Answers the callback; returns its outcome (None: the sender hung up)."""
+def admit(svc: Services, provider: str, query_string: bytes) -> tuple[Parser, CallbackClaims]:
+    """What is checked before the body is read: the provider, the token, the task's rate."""
     parser = DIALECTS.get(provider)
     if parser is None:
         raise UnknownProvider(f"no provider is called {provider[:40]!r}; known: {_KNOWN}")
-    claims = svc.signer.verify_callback(_token(scope["query_string"]), provider)
-    settings = svc.settings
+    claims = svc.signer.verify_callback(_token(query_string), provider)
     svc.callback_limiter.take(claims.job_id, "callbacks for this task")
-    length, encoding = _framing(scope)
-    body = await read_body(receive, length, settings.max_body_bytes, settings.body_timeout)
-    if body is None:
-        return None  # the sender hung up: nobody to answer
+    return parser, claims
+
+
+async def accept(svc: Services, parser: Parser, claims: CallbackClaims, body: bytes,
+                 encoding: str | None) -> tuple[int, bytes, str]:
+    """The body read, parsed and stored: (status, JSON answer, outcome)."""
+    settings = svc.settings
     if encoding is not None:
         body = decode_body(body, encoding, settings.max_body_bytes)
     check_json(body, settings.max_json_depth, settings.max_json_containers)
@@ -75,9 +109,8 @@ async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive,
         # Unsigned callbacks: a SUCCESS is what the provider says when asked.
         checked = await verify(svc, claims, update)
         if checked is None:  # cannot ask now: the reconciler will
-            await _answer(send, 202, b'{"result":"verifying","job_id":"%s","version":null}'
-                          % claims.job_id.encode())
-            return "verifying"
+            return 202, b'{"result":"verifying","job_id":"%s","version":null}' % (
+                claims.job_id.encode()), "verifying"
         update = checked
     started = perf_counter()
     outcome = await svc.store.apply(claims, update, enforce=True)
@@ -88,16 +121,9 @@ async def _receive(svc: Services, provider: str, scope: Scope, receive: Receive,
     svc.metrics.transition_seconds.observe(perf_counter() - started)
     if outcome.result == "conflict":
         raise WrongJob("this token's job is bound to another provider task")
-    await _answer(send, 200, b'{"result":"%s","job_id":"%s","version":%s}' % (
+    return 200, b'{"result":"%s","job_id":"%s","version":%s}' % (
         outcome.result.encode(), claims.job_id.encode(), orjson.dumps(outcome.version),
-    ))
-    return outcome.result
-
-
-async def _answer(send: Send, status: int, answer: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*_JSON_HEADERS, (b"content-length", b"%d" % len(answer))]})
-    await send({"type": "http.response.body", "body": answer})
+    ), outcome.result
 
 
 class CallbackEndpoint:
@@ -108,10 +134,10 @@ class CallbackEndpoint:
         await receive_callback(scope, receive, send)
 
 
-def _framing(scope: Scope) -> tuple[str | None, str | None]:
+def framing(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
     """Content-Length and Content-Encoding, in one pass over the headers."""
     length = encoding = None
-    for name, value in scope["headers"]:
+    for name, value in headers:
         if name == b"content-length":
             length = value.decode("latin-1")
         elif name == b"content-encoding":

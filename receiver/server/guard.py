@@ -29,6 +29,8 @@ from uvicorn.server import ServerState
 from receiver.core.lifespan import SETTINGS, STOPPING
 from receiver.core.settings import Settings
 from receiver.server.access import access_log
+from receiver.server.direct import Direct
+from receiver.server.direct import of as direct_of
 
 _DEFAULTS = Settings()
 # Where the parser is: before a request's first byte, in its head, in its body.
@@ -39,13 +41,15 @@ _IDLE, _HEAD, _BODY = 0, 1, 2
 # a uvicorn release that changes any of it gets `receiver serve` on uvicorn's plain protocol
 # (with a warning), not a broken one.
 _METHODS = ("connection_made", "connection_lost", "data_received", "on_message_begin",
-            "on_headers_complete", "on_message_complete", "handle_websocket_upgrade")
+            "on_headers_complete", "on_message_complete", "handle_websocket_upgrade",
+            "_start_asgi_task", "on_response_complete")
 _INIT = ("config", "server_state", "app_state", "_loop")
 _SET_IN_INIT = {
     HttpToolsProtocol: ("loop", "transport", "flow", "pipeline", "cycle", "server_state",
-                        "access_logger", "access_log"),
+                        "access_logger", "access_log", "app", "app_state", "tasks"),
     RequestResponseCycle: ("response_started", "response_complete", "disconnected",
-                           "message_event", "keep_alive", "access_logger"),
+                           "message_event", "keep_alive", "access_logger", "body", "more_body",
+                           "waiting_for_100_continue", "flow", "on_response", "scope"),
     FlowControl: ("read_paused",),
 }
 _SERVER_STATE = ("connections", "tasks", "total_requests", "default_headers")
@@ -121,6 +125,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self.head_bytes = 0  # of the head being read (one read may also hold what follows)
         self.guard = head_timer  # the head's or the body's deadline
         self.refused = False  # answered for good: nothing more is parsed
+        self.direct: Direct | None = None  # how callbacks are served, once looked up
+        self.looked_up = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -180,6 +186,20 @@ class GuardedProtocol(HttpToolsProtocol):
         self.phase = _IDLE
         self._disarm()
         super().on_message_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """A callback is served by `direct` (its body in hand), anything else by the app."""
+        if app is self.app and (direct := self._direct()) is not None and direct.takes(cycle):
+            task = self.loop.create_task(direct.serve(self, cycle))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+        else:
+            super()._start_asgi_task(cycle, app)
+
+    def _direct(self) -> Direct | None:
+        if not self.looked_up:
+            self.direct, self.looked_up = direct_of(self.app_state, self.app), True
+        return self.direct
 
     def handle_websocket_upgrade(self) -> None:
         self.refused = True  # the connection is the WebSocket protocol's now

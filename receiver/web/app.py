@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,7 +21,7 @@ from starlette.routing import Mount, Route
 
 from receiver import ingest, live, tasks
 from receiver.core.errors import ReceiverError, StoreUnavailable
-from receiver.core.lifespan import SETTINGS, STOPPING
+from receiver.core.lifespan import SERVICES, SETTINGS, STOPPING
 from receiver.core.logs import install_redaction
 from receiver.core.settings import Settings
 from receiver.services.container import Services, services
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         gc.freeze()
         try:
             # to requests and to our protocols too (receiver.core.lifespan says why)
-            yield {SETTINGS: settings, STOPPING: svc.hub.stop_streams}
+            yield {SETTINGS: settings, STOPPING: svc.hub.stop_streams, SERVICES: svc}
         finally:
             # uvicorn does not time a lifespan's shutdown: bound ours, so SIGTERM always ends
             # the process (what is not closed by then goes with it).
@@ -108,11 +109,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 def error_response(exc: ReceiverError) -> Response:
     """A domain error as the JSON answer every route gives: ``{error, detail}``."""
-    return JSONResponse(
-        {"error": exc.code, "detail": exc.detail},
-        status_code=exc.status_code,
-        headers=exc.headers(),
-    )
+    return JSONResponse(error_body(exc), status_code=exc.status_code, headers=exc.headers())
+
+
+def error_body(exc: ReceiverError) -> bytes:
+    """``{error, detail}``: the body of every error answer (`receiver.server.direct`'s too)."""
+    return orjson.dumps({"error": exc.code, "detail": exc.detail})
+
+
+def redis_failure(svc: Services, method: str, path: str, exc: Exception) -> StoreUnavailable:
+    """A Redis error while serving a request: logged, counted, and the error to answer."""
+    log.warning("redis error on %s %s: %r", method, path, exc)
+    svc.metrics.redis_errors.labels("api").inc()
+    return StoreUnavailable("Redis could not store or read this; retry")
 
 
 async def _domain_error(request: Request, exc: Exception) -> Response:
@@ -121,9 +130,8 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
 
 
 async def _redis_error(request: Request, exc: Exception) -> Response:
-    log.warning("redis error on %s %s: %r", request.method, request.url.path, exc)
-    services(request).metrics.redis_errors.labels("api").inc()
-    return error_response(StoreUnavailable("Redis could not store or read this; retry"))
+    return error_response(redis_failure(services(request), request.method, request.url.path,
+                                        exc))
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -151,8 +159,8 @@ async def _client_gone(conn: HTTPConnection, exc: Exception) -> None:
              conn.scope.get("method"), conn.scope["path"])
 
 
+INTERNAL_ERROR = b'{"error":"internal_error","detail":"an unexpected error; it has been logged"}'
+
+
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    return JSONResponse(
-        {"error": "internal_error", "detail": "an unexpected error; it has been logged"},
-        status_code=500,
-    )
+    return JSONResponse(INTERNAL_ERROR, status_code=500)
