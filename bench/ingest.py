@@ -56,6 +56,7 @@ from receiver.store.history import merge
 ROOT = Path(__file__).resolve().parent.parent
 OURS_APP = "receiver.app:create_app"
 BARE_APP = "bench.bare:create_app"
+FLOOR_APP = "bench.bare:create_floor_app"
 HOST = "127.0.0.1"
 UVICORN_FLAGS = (
     "--no-access-log", "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
@@ -96,7 +97,7 @@ class WrkResult:
 
 @dataclass(frozen=True)
 class Run:
-    server: str  # "ours" | "ours-log" | "bare" | "before"
+    server: str  # "ours" | "ours-log" | "bare" | "floor" | "before"
     wrk: WrkResult
     sent: int  # requests in the cycled list
     stored: int | None = None  # transitions stored during the run (ours only)
@@ -372,8 +373,9 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
            window: int) -> str:
     off, on, log = (ratios(runs, "ours", "bare"), ratios(runs, "ours-log", "bare"),
                     ratios(runs, "ours-log", "ours"))
+    floor, within = ratios(runs, "floor", "bare"), ratios(runs, "ours", "floor")
     names = {"ours": "receiver, access log off", "ours-log": "receiver, access log on",
-             "bare": "bare starlette"}
+             "bare": "bare starlette", "floor": "bare + one Redis round trip"}
     rows = [
         "| round | server | req/s | p50 | p99 | requests | errors | stored | not stored "
         "| server CPU / req | redis CPU / req |",
@@ -386,12 +388,13 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
             f"| {run.round + 1} | {names[run.server]} | {run.wrk.rate:,.0f} | "
             f"{run.wrk.p50_ms:.2f} ms | {run.wrk.p99_ms:.2f} ms | {run.wrk.requests:,} | "
             f"{run.wrk.errors} | {stored} | {run.server_us:.0f} us | {run.redis_us:.0f} us |")
-    wrapped = [r for r in runs if r.server != "bare" and r.wrk.requests > r.sent]
+    wrapped = [r for r in runs if r.server in ("ours", "ours-log") and r.wrk.requests > r.sent]
 
     def every(values: list[float]) -> str:
         return ", ".join(f"{v:.1%}" for v in values)
 
-    m_off, m_on, m_log = (statistics.median(v) for v in (off, on, log))
+    m_off, m_on, m_log, m_floor, m_within = (statistics.median(v)
+                                             for v in (off, on, log, floor, within))
 
     def cpu(server: str, attribute: str) -> float:
         return float(statistics.median(getattr(r, attribute) for r in runs
@@ -402,10 +405,12 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
         "Callbacks per second through the receiver's full callback path (token check, "
         "mjproxy dialect, one Redis transition script per callback), as `receiver serve` "
         "runs it with its access log off and on, against a bare Starlette endpoint that only "
-        "reads the body (`bench/bare.py`) on uvicorn. The three take the same wrk load in "
-        "every round, the order rotating; each ratio is taken within a round, and the "
-        "median of the rounds counts. `make bench` (`.venv/bin/python -m bench.ingest`) "
-        "regenerates this section.",
+        "reads the body (`bench/bare.py`) on uvicorn, and against that endpoint with the one "
+        "Redis round trip any durable answer needs (the floor: it hands the body to Redis "
+        "through our auto-pipelined connection before it answers). The four take the same "
+        "wrk load in every round, the order rotating; each ratio is taken within a round, "
+        "and the median of the rounds counts. `make bench` (`.venv/bin/python -m "
+        "bench.ingest`) regenerates this section.",
         "",
         f"- command: `.venv/bin/python -m bench.ingest --duration {args.duration:g} "
         f"--connections {args.connections} --rounds {args.rounds} --warmup {args.warmup:g}"
@@ -416,7 +421,8 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
         "- servers: `receiver serve --no-worker [--no-access-log]` (its own HTTP protocol; "
         "the access log to a file), env REDIS_URL = a throwaway local redis-server without "
         "persistence; bare: `python -m uvicorn "
-        f"{BARE_APP} --factory {' '.join(UVICORN_FLAGS)}`",
+        f"{BARE_APP} --factory {' '.join(UVICORN_FLAGS)}`; the floor: the same with "
+        f"`{FLOOR_APP}`",
         f"- load: `wrk -t1 -c{args.connections} -d{args.duration:g}s --latency "
         f"-s bench/results/ingest/callbacks.lua http://127.0.0.1:P/ -- <requests>`, each "
         f"server warmed up for {args.warmup:g}s first",
@@ -433,9 +439,15 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
         f"{'met' if m_on >= 0.45 else 'NOT met'}); every round: {every(on)}",
         f"- **access log on / off: median {m_log:.1%}** (goal >= 90%: "
         f"{'met' if m_log >= 0.9 else 'NOT met'}); every round: {every(log)}",
+        f"- **the floor / bare: median {m_floor:.1%}**, the most any callback path that "
+        f"stores before it answers reaches here; every round: {every(floor)}",
+        f"- **access log off / the floor: median {m_within:.1%}**, what our own work leaves "
+        f"of it; every round: {every(within)}",
         f"- CPU per request (medians; user + system from /proc, over each run): receiver "
         f"{cpu('ours', 'server_us'):.0f} us in its process + {cpu('ours', 'redis_us'):.0f} us "
-        f"in redis-server; bare {cpu('bare', 'server_us'):.0f} us: bare over ours "
+        f"in redis-server; the floor {cpu('floor', 'server_us'):.0f} us + "
+        f"{cpu('floor', 'redis_us'):.0f} us; bare {cpu('bare', 'server_us'):.0f} us: "
+        "bare over ours "
         f"**{cpu('bare', 'server_us') / (cpu('ours', 'server_us') + cpu('ours', 'redis_us')):.1%}"
         "**, what the rate ratio tends to where CPU is the limit. Unlike the rates, this does "
         "not move with a host that lends its cores unevenly: when the rounds' ratios spread "
@@ -542,7 +554,8 @@ def measure(args: argparse.Namespace, bases: dict[str, str], client: redis.Redis
         order = sides[turn:] + sides[:turn]
         fresh: tuple[list[tuple[str, str]], Path, int] | None = None
         for server in order:
-            if server != "bare" or fresh is None:  # a side that stores needs fresh jobs
+            if server in ("ours", "ours-log", "before") or fresh is None:
+                # a side that stores transitions needs fresh jobs
                 fresh = prepare(jobs_per_run, f"round {k + 1}, {server}")
             jobs, data, size = fresh
             pid = SERVER_PIDS[bases[server]]
@@ -550,7 +563,8 @@ def measure(args: argparse.Namespace, bases: dict[str, str], client: redis.Redis
             result = run_wrk(bases[server], script, data, args.connections, args.duration)
             used = (cpu_seconds(pid) - before[0],
                     (cpu_seconds(redis_pid) - before[1]) if redis_pid else 0.0)
-            stored = stored_transitions(client, jobs) if server != "bare" else None
+            stored = (stored_transitions(client, jobs)
+                      if server in ("ours", "ours-log", "before") else None)
             answered = max(1, result.requests)
             runs.append(Run(server, result, size, stored, k, used[0] / answered * 1e6,
                             used[1] / answered * 1e6))
@@ -609,9 +623,11 @@ def main(argv: list[str] | None = None) -> int:
             else:  # ours as `receiver serve` runs it, access log off and on; bare on uvicorn
                 with receiver_server(env, tmp / "ours.log") as ours, \
                         receiver_server(env, tmp / "ours-log.log", access_log=True) as logged, \
-                        uvicorn_server(BARE_APP, env, tmp / "bare.log") as bare:
+                        uvicorn_server(BARE_APP, env, tmp / "bare.log") as bare, \
+                        uvicorn_server(FLOOR_APP, env, tmp / "floor.log") as floor:
                     runs, jobs_per_run, window = measure(
-                        args, {"ours": ours, "ours-log": logged, "bare": bare}, client, tmp,
+                        args, {"ours": ours, "ours-log": logged, "bare": bare, "floor": floor},
+                        client, tmp,
                         script, out_dir, redis_pid=store.process.pid if store.process else 0)
         finally:
             client.close()
