@@ -4,8 +4,10 @@ The order of checks is the order of cost: provider name, token (no body read for
 without one), body size, dialect, then the one round trip to Redis. The answer is sent only
 after Redis has stored the transition, or recognised it as a duplicate or stale.
 
-`fastpath.FastPath` hands these requests to the endpoint before Starlette's exception and
-routing layers (measured in ARCHITECTURE.md); errors still go through the app's handlers.
+`ingest` is the callback, whoever serves it: `receiver.server.direct` under ``receiver
+serve`` (past ASGI, the body in hand), or the ASGI endpoint `receive_callback`, which
+`fastpath.FastPath` reaches before Starlette's exception and routing layers (measured in
+ARCHITECTURE.md). Either way, errors are answered as the app's handlers answer them.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ async def ingest(svc: Services, provider: str, query_string: bytes,
     """The callback's (status, JSON answer), or None if its sender hung up. ``body``: the
     whole body when the caller has it (`receiver.server.direct`), else None and it is read
     from ``receive``, after the checks that need none. Raises domain and Redis errors."""
-    with counted(svc, provider):
-        parser, claims = admit(svc, provider, query_string)
-        length, encoding = framing(headers)
+    with _counted(svc, provider):
+        parser, claims = _admit(svc, provider, query_string)
+        length, encoding = _framing(headers)
         limit = svc.settings.max_body_bytes
         if body is None:
             body = await read_body(receive, length, limit, svc.settings.body_timeout)
@@ -69,13 +71,13 @@ async def ingest(svc: Services, provider: str, query_string: bytes,
                 return None
         elif len(body) > limit:
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-        status, answer, outcome = await accept(svc, parser, claims, body, encoding)
+        status, answer, outcome = await _accept(svc, parser, claims, body, encoding)
     svc.metrics.callback(provider, outcome)
     return status, answer
 
 
 @contextmanager
-def counted(svc: Services, provider: str) -> Iterator[None]:
+def _counted(svc: Services, provider: str) -> Iterator[None]:
     """Counts a refused callback by its error's code (an unknown provider as one)."""
     try:
         yield
@@ -87,7 +89,7 @@ def counted(svc: Services, provider: str) -> Iterator[None]:
         raise
 
 
-def admit(svc: Services, provider: str, query_string: bytes) -> tuple[Parser, CallbackClaims]:
+def _admit(svc: Services, provider: str, query_string: bytes) -> tuple[Parser, CallbackClaims]:
     """What is checked before the body is read: the provider, the token, the task's rate."""
     parser = DIALECTS.get(provider)
     if parser is None:
@@ -97,7 +99,7 @@ def admit(svc: Services, provider: str, query_string: bytes) -> tuple[Parser, Ca
     return parser, claims
 
 
-async def accept(svc: Services, parser: Parser, claims: CallbackClaims, body: bytes,
+async def _accept(svc: Services, parser: Parser, claims: CallbackClaims, body: bytes,
                  encoding: str | None) -> tuple[int, bytes, str]:
     """The body read, parsed and stored: (status, JSON answer, outcome)."""
     settings = svc.settings
@@ -134,7 +136,7 @@ class CallbackEndpoint:
         await receive_callback(scope, receive, send)
 
 
-def framing(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
     """Content-Length and Content-Encoding, in one pass over the headers."""
     length = encoding = None
     for name, value in headers:

@@ -25,9 +25,10 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from receiver.core.errors import ReceiverError
 from receiver.core.lifespan import SERVICES
 from receiver.core.logs import bind_request
-from receiver.ingest.callbacks import PREFIX, ingest
+from receiver.ingest.callbacks import PREFIX, ingest, receive_callback
 from receiver.services.container import Services
 from receiver.web.app import INTERNAL_ERROR, error_body, redis_failure
+from receiver.web.fastpath import route_of
 
 log = logging.getLogger("uvicorn.error")
 _JSON = b"content-type: application/json\r\n"
@@ -48,9 +49,8 @@ class Direct:
 
     def takes(self, cycle: RequestResponseCycle) -> bool:
         """A callback that only its endpoint would see (no CORS request to answer)."""
-        scope = cycle.scope
-        if scope["method"] != "POST" or not scope["path"].startswith(PREFIX) or \
-                "/" in scope["path"][len(PREFIX):]:
+        scope: Any = cycle.scope
+        if route_of(scope) is not receive_callback:
             return False
         return not (self.cors and any(name == b"origin" for name, _ in scope["headers"]))
 

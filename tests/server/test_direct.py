@@ -186,3 +186,23 @@ def test_the_access_log_line_is_the_same(live: LiveServer, served: list[int],
     assert lines == ['INFO uvicorn.access: 203.0.113.9:0 - "POST /callbacks/mjproxy'
                      '?token=[redacted] HTTP/1.1" 200']
     assert served == [200]
+
+
+def test_a_cors_request_is_the_apps(redis_server: RedisServer, r: redis.Redis,
+                                    served: list[int]) -> None:
+    """Under CORS_ORIGINS a callback with an Origin gets the CORS middleware's headers, so
+    the app serves it; one without is served directly."""
+    server = LiveServer(base_settings(redis_server.url,
+                                      cors_origins=("https://app.example",))).start()
+    try:
+        with server.client("key-acme") as acme:
+            _, url = mint(acme)
+        path = url.removeprefix(server.url)
+        cors = answer(whole(server, *request(path, progress("o1", 10),
+                                             b"Origin: https://app.example\r\n")))
+        assert b"access-control-allow-origin: https://app.example" in cors[1]
+        assert served == []
+        assert b'"result":"stored"' in answer(whole(server, *request(path, progress("o1", 20))))[2]
+        assert served == [200]
+    finally:
+        server.stop()
