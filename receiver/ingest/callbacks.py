@@ -12,8 +12,6 @@ ARCHITECTURE.md). Either way, errors are answered as the app's handlers answer t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from time import perf_counter
 from urllib.parse import unquote
 
@@ -29,9 +27,9 @@ from receiver.core.errors import (
 )
 from receiver.core.limits import check_json
 from receiver.core.models import TaskStatus
-from receiver.core.tokens import CallbackClaims, WrongJob
+from receiver.core.tokens import WrongJob
 from receiver.ingest.verify import verify
-from receiver.providers.dialects import DIALECTS, Parser
+from receiver.providers.dialects import DIALECTS
 from receiver.services.container import Services
 from receiver.services.http import decode_body, read_body
 
@@ -60,49 +58,41 @@ async def ingest(svc: Services, provider: str, query_string: bytes,
                  ) -> tuple[int, bytes] | None:
     """The callback's (status, JSON answer), or None if its sender hung up. ``body``: the
     whole body when the caller has it (`receiver.server.direct`), else None and it is read
-    from ``receive``, after the checks that need none. Raises domain and Redis errors."""
-    with _counted(svc, provider):
-        parser, claims = _admit(svc, provider, query_string)
-        length, encoding = _framing(headers)
-        limit = svc.settings.max_body_bytes
-        if body is None:
-            body = await read_body(receive, length, limit, svc.settings.body_timeout)
-            if body is None:
-                return None
-        elif len(body) > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-        status, answer, outcome = await _accept(svc, parser, claims, body, encoding)
-    svc.metrics.callback(provider, outcome)
-    return status, answer
-
-
-@contextmanager
-def _counted(svc: Services, provider: str) -> Iterator[None]:
-    """Counts a refused callback by its error's code (an unknown provider as one)."""
+    from ``receive``, after the checks that need none. Raises domain and Redis errors,
+    each counted by its code (an unknown provider's as ``unknown``)."""
     try:
-        yield
+        status, answer, outcome = await _receive(svc, provider, query_string, headers, body,
+                                                 receive)
     except ReceiverError as exc:
         svc.metrics.callback(provider if provider in DIALECTS else "unknown", exc.code)
         raise
     except RedisError:
         svc.metrics.callback(provider, StoreUnavailable.code)
         raise
+    if outcome is None:
+        return None
+    svc.metrics.callback(provider, outcome)
+    return status, answer
 
 
-def _admit(svc: Services, provider: str, query_string: bytes) -> tuple[Parser, CallbackClaims]:
-    """What is checked before the body is read: the provider, the token, the task's rate."""
+async def _receive(svc: Services, provider: str, query_string: bytes,
+                   headers: list[tuple[bytes, bytes]], body: bytes | None, receive: Receive
+                   ) -> tuple[int, bytes, str | None]:
+    """(status, answer, outcome); outcome None: the sender hung up."""
     parser = DIALECTS.get(provider)
     if parser is None:
         raise UnknownProvider(f"no provider is called {provider[:40]!r}; known: {_KNOWN}")
     claims = svc.signer.verify_callback(_token(query_string), provider)
-    svc.callback_limiter.take(claims.job_id, "callbacks for this task")
-    return parser, claims
-
-
-async def _accept(svc: Services, parser: Parser, claims: CallbackClaims, body: bytes,
-                 encoding: str | None) -> tuple[int, bytes, str]:
-    """The body read, parsed and stored: (status, JSON answer, outcome)."""
     settings = svc.settings
+    svc.callback_limiter.take(claims.job_id, "callbacks for this task")
+    length, encoding = _framing(headers)
+    if body is None:
+        body = await read_body(receive, length, settings.max_body_bytes,
+                               settings.body_timeout)
+        if body is None:
+            return 0, b"", None
+    elif len(body) > settings.max_body_bytes:
+        raise PayloadTooLarge(f"the body is over the limit of {settings.max_body_bytes} bytes")
     if encoding is not None:
         body = decode_body(body, encoding, settings.max_body_bytes)
     check_json(body, settings.max_json_depth, settings.max_json_containers)

@@ -72,12 +72,11 @@ class Direct:
             if answered is None:
                 return  # the sender hung up: nobody to answer
             status, answer = answered
-        except ReceiverError as exc:
-            status, answer = exc.status_code, error_body(exc)
-            headers = _header_list(exc.headers())
-        except RedisError as exc:
-            error = redis_failure(svc, "POST", scope["path"], exc)
-            status, answer, headers = 503, error_body(error), _header_list(error.headers())
+        except (ReceiverError, RedisError) as exc:
+            error = exc if isinstance(exc, ReceiverError) else redis_failure(
+                svc, "POST", scope["path"], exc)
+            status, answer = error.status_code, error_body(error)
+            headers = _header_list(error.headers())
         except Exception:  # as uvicorn and Starlette: logged, and a 500
             log.exception("Exception in ASGI application")
             status, answer = 500, INTERNAL_ERROR

@@ -29,7 +29,6 @@ from uvicorn.server import ServerState
 from receiver.core.lifespan import SETTINGS, STOPPING
 from receiver.core.settings import Settings
 from receiver.server.access import access_log
-from receiver.server.direct import Direct
 from receiver.server.direct import of as direct_of
 
 _DEFAULTS = Settings()
@@ -125,8 +124,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.head_bytes = 0  # of the head being read (one read may also hold what follows)
         self.guard = head_timer  # the head's or the body's deadline
         self.refused = False  # answered for good: nothing more is parsed
-        self.direct: Direct | None = None  # how callbacks are served, once looked up
-        self.looked_up = False
+        self.direct = direct_of(app_state, self.app)  # how callbacks are served (None: ASGI)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -189,17 +187,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """A callback is served by `direct` (its body in hand), anything else by the app."""
-        if app is self.app and (direct := self._direct()) is not None and direct.takes(cycle):
+        direct = self.direct
+        if app is self.app and direct is not None and direct.takes(cycle):
             task = self.loop.create_task(direct.serve(self, cycle))
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
         else:
             super()._start_asgi_task(cycle, app)
-
-    def _direct(self) -> Direct | None:
-        if not self.looked_up:
-            self.direct, self.looked_up = direct_of(self.app_state, self.app), True
-        return self.direct
 
     def handle_websocket_upgrade(self) -> None:
         self.refused = True  # the connection is the WebSocket protocol's now
