@@ -200,11 +200,15 @@ local function join(at)
   for k, i in ipairs(at) do t[k] = vals[i] end
   return table.concat(t, '\0')
 end
-local stored, extra = join(CORE), join(EXTRA)
-if ptid ~= '' then
-  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'p', ptid, 'v', stored, 'x', extra)
+-- `x` (the EXTRA fields) changes only by an archive: other writes leave it as it is (a task
+-- without it reads as their defaults).
+local stored = join(CORE)
+if op == 'archive' then
+  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored, 'x', join(EXTRA))
+elseif ptid ~= '' then
+  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'p', ptid, 'v', stored)
 else
-  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored, 'x', extra)
+  redis.call('HSET', KEYS[1], 'r', ARGV[2], 's', status, 'v', stored)
 end
 if op == 'create' and #ARGV > 25 then  -- the submitter's control fields
   redis.call('HSET', KEYS[1], unpack(ARGV, 26))
