@@ -293,12 +293,16 @@ class Admission:
         async with self.redis.pipeline(transaction=False) as pipe:
             for member, _ in held:
                 pipe.hmget(self.keys.task(member.tenant, member.job_id), ["r", "s"])
-            states = await pipe.execute()
+                pipe.exists(self.keys.history(member.tenant, member.job_id))
+            replies = await pipe.execute()
         done, inferred = [], {}
-        for (member, _), (rank, status) in zip(held, states, strict=True):
+        for (member, _), (rank, status), streamed in zip(held, replies[::2], replies[1::2],
+                                                         strict=True):
             if status is None or status in _FINAL:
                 done.append(str(member))
-                if status is not None and self.history is not None:
+                if streamed and status is not None and self.history is not None:
+                    # not compacted yet: the process that stored the final state may have
+                    # died first (a compacted history has no stream left)
                     self.history.soon(member.tenant, member.job_id)
                 if rank is not None and int(rank) == RANK_INFERRED_FAILURE:
                     inferred[str(member)] = now_ms()  # when it left the slots
