@@ -16,10 +16,11 @@ from typing import Any
 from starlette.config import Config
 from starlette.datastructures import Secret
 
+from receiver.core.constants import NAME_RE
+
 MJPROXY_FLAVORS = ("trueai", "novicezk")  # midjourney-proxy's two API generations
 PROVIDERS = ("mjproxy", "ohmygpt", "aigc2d")
 MODES = ("FAST", "RELAX", "TURBO", "NORMAL")  # midjourney-proxy's three, OhMyGPT's NORMAL
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _FIELDS = {"name", "provider", "base_url", "api_key", "api_key_env", "queue_limit", "flavor",
            "auth_header", "modes", "weight", "enabled"}
 
@@ -128,7 +129,7 @@ def _account(entry: Any, config: Config) -> ProviderAccount:
         raise SettingsError(f"unknown key {sorted(unknown)[0]!r} (known: "
                             f"{', '.join(sorted(_FIELDS))})")
     name = _text(entry, "name")
-    if not _NAME.match(name):
+    if not NAME_RE.match(name):
         raise SettingsError(f"name {name!r}: letters, digits, '_', '.', '-', 64 at most")
     provider = _text(entry, "provider")
     if provider not in PROVIDERS:

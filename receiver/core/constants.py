@@ -18,7 +18,8 @@ SUBSCRIBE_SALT = "receiver.subscribe.v1"
 IMAGE_SALT = "receiver.image.v1"
 
 # \Z, not $: "$" also matches before a final newline, and these go into JSON quotes.
-TENANT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")  # a tenant's, an account's
+TENANT_RE = NAME_RE
 JOB_ID_RE = re.compile(r"^[0-9a-f]{20}\Z")
 
 # The canonical task, in the order it is serialised. Stored as one Redis hash per task whose

@@ -10,13 +10,13 @@ task with the same bytes) is extending it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple
 
 from redis.asyncio import Redis
 
 from receiver.core.constants import Keys
+from receiver.core.models import now_ms
 
 # One more attempt at a task, counted in its hash while it exists (0 once it has expired:
 # a count alone would make a hash that never expires).
@@ -24,19 +24,12 @@ _ATTEMPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return redis.call('HINCRBY', KEYS[1], 'ia', 1)
 """
-# Take a task if it is (still) due: push it a lease ahead, atomically.
+# Take a tenant's due tasks, up to ARGV[3]: each pushed a lease ahead (ARGV[2]), atomically.
 _TAKE = """
-local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if due and tonumber(due) <= tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
-  return 1
-end
-return 0
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, job in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], job) end
+return due
 """
-
-
-def _ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Pending(NamedTuple):
@@ -65,18 +58,14 @@ class ArchiveQueue:
             return []
         self._first = (self._first + 1) % len(tenants)
         tenants = tenants[self._first:] + tenants[:self._first]
-        now = _ms()
-        pipe = self.redis.pipeline(transaction=False)
-        for tenant in tenants:
-            pipe.zrangebyscore(self.keys.archive(tenant), "-inf", now, start=0, num=limit)
+        now = now_ms()
         taken: list[Pending] = []
-        for tenant, jobs in zip(tenants, await pipe.execute(), strict=True):
-            for job in jobs:
-                if len(taken) >= limit:
-                    return taken
-                if await self._take(keys=[self.keys.archive(tenant)],
-                                    args=[job, now, now + self.lease_ms]):
-                    taken.append(Pending(tenant, job.decode()))
+        for tenant in tenants:
+            jobs = await self._take(keys=[self.keys.archive(tenant)],
+                                    args=[now, now + self.lease_ms, limit - len(taken)])
+            taken += (Pending(tenant, job.decode()) for job in jobs)
+            if len(taken) >= limit:
+                break
         return taken
 
     async def attempt(self, item: Pending) -> int:
@@ -87,7 +76,7 @@ class ArchiveQueue:
     async def retry(self, item: Pending, delay: float) -> None:
         """Due again in ``delay`` seconds."""
         await self.redis.zadd(self.keys.archive(item.tenant),
-                              {item.job_id: _ms() + int(delay * 1000)}, xx=True)
+                              {item.job_id: now_ms() + int(delay * 1000)}, xx=True)
 
     async def done(self, item: Pending) -> None:
         """Archived, or given up: off the queue."""
@@ -107,13 +96,13 @@ class ImageLedger:
         the extension is written before the object, so a sweep never deletes it after."""
         async with self.redis.lock(self.keys.image_lock(name), timeout=120,
                                    blocking_timeout=30):
-            await self.redis.zadd(self.keys.images(), {name: _ms() + int(seconds * 1000)},
+            await self.redis.zadd(self.keys.images(), {name: now_ms() + int(seconds * 1000)},
                                   gt=True)
             await store()
 
     async def expired(self, limit: int = 100) -> list[str]:
         """Images no task needs any more, oldest first."""
-        names = await self.redis.zrangebyscore(self.keys.images(), "-inf", _ms(),
+        names = await self.redis.zrangebyscore(self.keys.images(), "-inf", now_ms(),
                                                start=0, num=limit)
         return [name.decode() for name in names]
 
@@ -125,7 +114,7 @@ class ImageLedger:
             return False
         try:
             until = await self.redis.zscore(self.keys.images(), name)
-            if until is None or until > _ms():
+            if until is None or until > now_ms():
                 return False
             await delete(name)
             await self.redis.zrem(self.keys.images(), name)
