@@ -146,14 +146,15 @@ local data = table.concat(parts) .. ',"event":"' .. kind .. '","event_id":"' .. 
 
 -- A create's price (its control field b), reserved below; within the tenant's budget
 -- (ARGV[25]): what it committed in the unit plus this price, or nothing is written.
-local price
+local price, price_field, price_amount
 if op == 'create' then
   for i = 26, #ARGV, 2 do
     if ARGV[i] == 'b' then price = ARGV[i + 1] end
   end
+  if price then price_field, price_amount = parse_billing(price) end
 end
 if price and ARGV[25] ~= '' then
-  local field, amount = parse_billing(price)
+  local field, amount = price_field, price_amount
   local unit = string.match(field, '([^|]*)$')
   local committed = tonumber(redis.call('HGET', KEYS[6], '@committed|' .. unit)) or 0
   if committed + tonumber(amount) > tonumber(ARGV[25]) then
@@ -214,8 +215,7 @@ if op == 'create' and #ARGV > 25 then  -- the submitter's control fields
   redis.call('HSET', KEYS[1], unpack(ARGV, 26))
 end
 if price then  -- a priced task reserves its price at once
-  local field, amount = parse_billing(price)
-  commit(field, amount, 1)
+  commit(price_field, price_amount, 1)
   redis.call('HSET', KEYS[1], 'c', 'r')
 end
 -- A reserved task that ended without a charge (never sent, refused) gives its price back.
