@@ -91,6 +91,9 @@ MJPROXY: dict[str, tuple[Row, ...]] = {
         Row(401, Outcome.AUTH),
         Row(403, Outcome.AUTH),  # IP blacklist: 403, empty body
         Row(429, Outcome.TRANSIENT),  # rate limit: 429, empty body
+        # SubmitController.cs NewTask: the relay user's (or a guest's) CoreSize and QueueSize
+        # are full; a LogicException like the others below, but over once a task ends
+        Row(-1, Outcome.QUEUE_FULL, ("并发数已达上限", "队列数已达上限")),
         Row(-1, Outcome.REFUSED),  # LogicException {success: false, code: -1, message}
         Row(None, Outcome.REFUSED),
     ),

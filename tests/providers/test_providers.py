@@ -101,6 +101,10 @@ def test_mjproxy_action_presses_the_parents_button() -> None:
         ({"code": 4, "description": "prompt too long"}, InvalidRequest),
         ({"success": False, "code": -1, "message": "该任务不支持重新生成",
           "timestamp": 1700000000000}, InvalidRequest),
+        ({"success": False, "code": -1, "message": "队列数已达上限",
+          "timestamp": "638476269330451234"}, QueueFull),
+        ({"success": False, "code": -1, "message": "用户今日绘图次数已达上限",
+          "timestamp": "638476269330451234"}, InvalidRequest),
     ],
 )
 def test_mjproxy_refusals(body: dict[str, Any], error: type[Exception]) -> None:
@@ -373,7 +377,8 @@ EXPECTED: dict[str, type[ProviderError] | None] = {  # None: accepted, the id re
     "answer-transient-no-instance": Transient, "answer-transient-instance-down": Transient,
     "answer-banned": BannedPrompt, "answer-parent-not-found": UnknownParent,
     "answer-validation-base64": InvalidRequest, "answer-validation-parent-state": InvalidRequest,
-    "answer-logic-exception": InvalidRequest, "http-401-unauthorized": BadProviderKey,
+    "answer-logic-exception": QueueFull,  # the user's concurrency limit: wait, not fail
+    "http-401-unauthorized": BadProviderKey,
     "http-403-blacklisted": BadProviderKey, "http-429-rate-limited": Transient,
 }
 MJPROXY_ANSWERS = [f for f in load_fixtures("mjproxy")
