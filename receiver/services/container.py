@@ -119,6 +119,12 @@ class Services:
                 "histories among them; set it to noeviction (a full Redis then refuses "
                 "writes, which callers see as 503 and retry)", _text(policy))
 
+    def modes_of(self, account: ProviderAccount) -> tuple[str, ...]:
+        """The modes an account serves: those its provider's API takes, narrowed to its own
+        list if it has one (a novicezk account takes none: only tasks that name no mode)."""
+        offered = self.clients[account.name].modes
+        return tuple(m for m in offered if not account.modes or m in account.modes)
+
     async def close(self) -> None:
         await self.hub.close()  # ends every SSE stream of this process
         await self.store.close()

@@ -39,7 +39,7 @@ ACQUIRE = """
 -- (ARGV[4] of them) its slots, in flight and health: KEYS[4 + 3(i-1) + 1..3]
 -- ARGV[1] now in ms, ARGV[2] a tenant's queue key less the tenant, ARGV[3] the slots one
 -- tenant may hold at one account (0: no cap), ARGV[4] accounts; then per account its name,
--- limit, weight and modes (',FAST,RELAX,'; '': every mode)
+-- limit, weight and modes (',FAST,RELAX,'; ',,': none, only a task with no mode; '': any)
 local now, cap, n = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local LOOK_AHEAD = 8
 local names, limits, weights, modes, used, open = {}, {}, {}, {}, {}, {}
@@ -179,12 +179,13 @@ class Member(NamedTuple):
 
 class Account(NamedTuple):
     """An account as admission sees it: its name, its limit of unfinished tasks, its weight
-    (its share, for its limit, of what the pool sends) and the modes it serves (none: all)."""
+    (its share, for its limit, of what the pool sends) and the modes it serves (None: any;
+    none: only tasks that name no mode)."""
 
     name: str
     limit: int
     weight: float = 1.0
-    modes: tuple[str, ...] = ()
+    modes: tuple[str, ...] | None = None
 
 
 class Taken(NamedTuple):
@@ -234,7 +235,7 @@ class Admission:
             account_keys += [keys.slots(account.name, pool), keys.in_flight(account.name, pool),
                              keys.health(account.name, pool)]
             account_args += [account.name, account.limit, account.weight,
-                             f",{','.join(account.modes)}," if account.modes else ""]
+                             "" if account.modes is None else f",{','.join(account.modes)},"]
         taken = await self._acquire(
             keys=[keys.turns(pool), keys.turn(pool), keys.legacy_queue(pool),
                   keys.routes(pool), *account_keys],

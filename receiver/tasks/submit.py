@@ -88,9 +88,7 @@ def pool_modes(svc: Services, accounts: list[ProviderAccount]) -> list[str]:
     """The modes some account of a pool serves (its own list, else its provider's)."""
     modes: dict[str, None] = {}
     for account in accounts:
-        offered = svc.clients[account.name].modes
-        modes.update(dict.fromkeys(m for m in offered if not account.modes
-                                   or m in account.modes))
+        modes.update(dict.fromkeys(svc.modes_of(account)))
     return list(modes)
 
 

@@ -59,7 +59,7 @@ class Dispatcher:
         self.svc = svc
         self.pools = svc.settings.pools()
         self.accounts = {a.name: a for pool in self.pools.values() for a in pool}
-        self._admitted = {pool: [Account(a.name, a.queue_limit, a.weight, a.modes)
+        self._admitted = {pool: [Account(a.name, a.queue_limit, a.weight, svc.modes_of(a))
                                  for a in accounts] for pool, accounts in self.pools.items()}
         self._wake = {pool: asyncio.Event() for pool in self.pools}
         # the channel names a pool (a task queued) or an account (a task of its ended)

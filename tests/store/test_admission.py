@@ -310,3 +310,20 @@ def test_a_task_waits_for_its_modes_account_without_holding_up_the_others_behind
     assert asyncio.run(scenario()) == [
         Taken(member(0), "relax"), Taken(member(2), "fast"), Taken(member(3), "fast"),
         Taken(member(4), None)]
+
+
+def test_an_account_that_serves_no_mode_takes_only_tasks_that_name_none(
+        r: redis.Redis, redis_server: RedisServer) -> None:
+    """novicezk has no modes: in a pool with a trueai account, a FAST task waits for the
+    trueai one (it would fail at novicezk); a task with no mode may go to either."""
+    pool = [Account("novicezk", 5, modes=()), Account("trueai", 1, modes=("FAST", "RELAX"))]
+
+    async def scenario() -> list[Taken | None]:
+        async with Redis.from_url(redis_server.url) as client:
+            admission = Admission(client, KEYS)
+            for i, mode in enumerate(["FAST", "FAST", None]):
+                await admission.enqueue("p", member(i), mode)
+            return [await admission.acquire("p", pool, 0) for _ in range(3)]
+
+    assert asyncio.run(scenario()) == [
+        Taken(member(0), "trueai"), Taken(member(2), "novicezk"), None]

@@ -13,7 +13,9 @@ from starlette.datastructures import Secret
 
 from receiver.cli.redis_server import RedisServer, free_port
 from receiver.core.settings import ProviderAccount
+from receiver.services.container import Services
 from receiver.simulator import SimulatorConfig, create_simulator
+from receiver.worker.dispatcher import Dispatcher
 from tests.conftest import KEYS, LiveServer, base_settings, sim_stats, submit, wait_final
 
 
@@ -125,3 +127,18 @@ def test_an_action_queued_before_pools_still_goes_to_its_parents_account(
         assert sim_stats(sims[other])["by_action"].get("mjproxy", {}).get("UPSCALE", 0) == 0
     finally:
         worker.stop()
+
+
+def test_each_account_is_admitted_for_the_modes_it_serves(redis_server: RedisServer) -> None:
+    """An account's modes are its flavour's, narrowed to its own list: a novicezk account
+    (no modes) in a pool with a trueai one is never handed a FAST task."""
+    def account(name: str, flavor: str, modes: tuple[str, ...] = ()) -> ProviderAccount:
+        return ProviderAccount("mjproxy", "http://127.0.0.1:9", Secret("k"), 2, flavor=flavor,
+                               name=name, modes=modes)
+    settings = replace(base_settings(redis_server.url), accounts={
+        "all": account("all", "trueai"), "fast": account("fast", "trueai", ("FAST",)),
+        "nz": account("nz", "novicezk")})
+    svc = Services.build(settings)
+    admitted = Dispatcher(svc)._admitted["mjproxy"]
+    assert [(a.name, a.modes) for a in admitted] == [
+        ("all", ("FAST", "RELAX", "TURBO")), ("fast", ("FAST",)), ("nz", ())]
