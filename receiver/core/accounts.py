@@ -79,10 +79,12 @@ def read_accounts(config: Config) -> dict[str, ProviderAccount]:
         if provider == "mjproxy" and flavor not in MJPROXY_FLAVORS:
             raise SettingsError(f"MJPROXY_FLAVOR is one of {', '.join(MJPROXY_FLAVORS)}, "
                                 f"not {flavor!r}")
+        header = config(f"{env}_AUTH_HEADER", default="mj-api-secret")
+        if provider == "mjproxy":
+            _check_auth_header(f"{env}_AUTH_HEADER", header, flavor)
         accounts[provider] = ProviderAccount(
-            provider, base_url, Secret(config(f"{env}_API_KEY", default="")), limit,
-            config(f"{env}_AUTH_HEADER", default="mj-api-secret"), flavor,
-        )
+            provider, base_url, Secret(config(f"{env}_API_KEY", default="")), limit, header,
+            flavor)
     return accounts
 
 
@@ -170,10 +172,24 @@ def _account(entry: Any, config: Config) -> ProviderAccount:
     enabled = entry.get("enabled", True)
     if not isinstance(enabled, bool):
         raise SettingsError(f"enabled {enabled!r} is not true or false")
+    header = _text(entry, "auth_header", "mj-api-secret")
+    if provider == "mjproxy":
+        _check_auth_header("auth_header", header, flavor)
     return ProviderAccount(
-        provider, base_url, Secret(key), limit,
-        _text(entry, "auth_header", "mj-api-secret"), flavor, name=name,
+        provider, base_url, Secret(key), limit, header, flavor, name=name,
         modes=tuple(dict.fromkeys(modes)), weight=float(weight), enabled=enabled)
+
+
+# The headers each flavour reads a key from (PROVIDERS.md, auth): novicezk's
+# ApiAuthorizeInterceptor reads mj-api-secret; trueai's WorkContext takes Authorization's
+# whole value, else mj-api-secret. Any other is a 401 on every request.
+AUTH_HEADERS = {"novicezk": ("mj-api-secret",), "trueai": ("mj-api-secret", "authorization")}
+
+
+def _check_auth_header(setting: str, header: str, flavor: str) -> None:
+    if header.strip().lower() not in AUTH_HEADERS[flavor]:
+        raise SettingsError(f"{setting} {header!r}: {flavor} reads the key from "
+                            f"{' or '.join(AUTH_HEADERS[flavor])} only")
 
 
 def _text(entry: dict[str, Any], key: str, default: str | None = None) -> str:

@@ -74,12 +74,27 @@ def test_a_file_of_accounts_makes_pools(tmp_path: Path) -> None:
     (GOOD.replace("enabled = false", "colour = 'red'"), 19, "unknown key 'colour'"),
     (GOOD.replace('base_url = "https://mj-a.example"', 'base_url = "mj-a.example"'), 2,
      "is not an http(s) URL"),
+    # novicezk reads mj-api-secret only: every request would be a 401
+    (GOOD.replace('auth_header = "mj-api-secret"', 'auth_header = "Authorization"'), 11,
+     "novicezk reads the key from mj-api-secret only"),
 ])
 def test_a_bad_file_is_refused_with_its_line_and_reason(
         tmp_path: Path, text: str, line: int, reason: str) -> None:
     with pytest.raises(SettingsError) as refused:
         read(tmp_path, text, MJ_B_KEY="sk-b")
     assert f"line {line}: " in str(refused.value) and reason in str(refused.value)
+
+
+def test_the_variables_auth_header_is_one_the_flavour_reads() -> None:
+    def account(**environ: str) -> str:
+        settings = Settings.from_env(Config(environ={"MJPROXY_BASE_URL": "https://x.example",
+                                                     **environ}))
+        return settings.accounts["mjproxy"].auth_header
+    assert account(MJPROXY_AUTH_HEADER="Authorization") == "Authorization"  # trueai's
+    with pytest.raises(SettingsError, match="MJPROXY_AUTH_HEADER 'X-Api-Key': trueai reads"):
+        account(MJPROXY_AUTH_HEADER="X-Api-Key")
+    with pytest.raises(SettingsError, match="novicezk reads the key from mj-api-secret only"):
+        account(MJPROXY_AUTH_HEADER="Authorization", MJPROXY_FLAVOR="novicezk")
 
 
 def test_toml_that_does_not_parse_and_a_missing_file_are_refused(tmp_path: Path) -> None:
