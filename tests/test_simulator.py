@@ -981,3 +981,9 @@ def test_a_key_the_relay_does_not_know_is_refused_as_no_key(
                      headers={"mj-api-secret": "good"})
     assert taken.status_code == 200 and taken.json()["code"] == 1
     assert sim.get("/_sim/stats").json()["refused_keys"] == 1
+    # trueai checks the key before its rate limit (Program.cs: SimpleAuthMiddleware, then
+    # RateLimitingMiddleware); novicezk's limit is its reverse proxy's, before the app
+    sim.post("/_sim/faults", json={"rate_limited": True})
+    limited = sim.post("/mj/submit/imagine", json={"prompt": "x"},
+                       headers={"mj-api-secret": "wrong"})
+    assert limited.status_code == (401 if flavor == "trueai" else 429)

@@ -100,7 +100,8 @@ class SimulatorConfig:
     novicezk_upscale_exists: bool = True
     public_url: str | None = None  # what image URLs start with; else the request's base URL
     # mjproxy: the keys it takes (empty: any), as its ApiAuthorizeInterceptor (novicezk) and
-    # WorkContext (trueai) compare them; another key is a 401 with an empty body
+    # WorkContext (trueai) compare them; another key is a 401: novicezk's has no body,
+    # trueai's says "Authorization header missing."
     api_keys: tuple[str, ...] = ()
     callback_timeout: float = 5.0
     max_connections: int = 100

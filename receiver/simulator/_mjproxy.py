@@ -95,7 +95,7 @@ def server_error(sim: Simulator, request: Request) -> Response:
     return spring_error(500, "Internal Server Error", request.url.path)
 
 
-# --- every request: the filters, then the key --------------------------------------------
+# --- every request: the key and the filters, in each generation's order ----------------
 
 
 def account_of(request: Request, flavor: str) -> str | None:
@@ -111,10 +111,8 @@ def gate(request: Request, route: str) -> tuple[Simulator, str, str] | Response:
     """(simulator, flavor, account), or the answer of a filter that stopped the request."""
     sim = sim_of(request)
     flavor, faults = sim.config.mjproxy_flavor, sim.faults
-    if flavor == "trueai" and faults.ip_blacklisted:
-        return empty(403)  # RateLimitingMiddleware: blacklisted, no body
-    if faults.rate_limited:
-        return empty(429)  # trueai's RateLimitingMiddleware (novicezk: its reverse proxy)
+    if flavor == "novicezk" and faults.rate_limited:
+        return empty(429)  # its reverse proxy's, before the app
     account = account_of(request, flavor)
     if account is not None and sim.config.api_keys and account not in sim.config.api_keys:
         sim.refused_keys += 1
@@ -125,6 +123,11 @@ def gate(request: Request, route: str) -> tuple[Simulator, str, str] | Response:
         if flavor == "trueai":
             return Response("Authorization header missing.", 401, media_type="text/plain")
         return empty(401)
+    # trueai's Program.cs runs RateLimitingMiddleware after SimpleAuthMiddleware
+    if flavor == "trueai" and faults.ip_blacklisted:
+        return empty(403)  # blacklisted, no body
+    if flavor == "trueai" and faults.rate_limited:
+        return empty(429)
     sim.hit("mjproxy", route)
     return sim, flavor, account
 

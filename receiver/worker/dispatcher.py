@@ -225,8 +225,9 @@ class Dispatcher:
                                        ).inc()
             if isinstance(exc, BadProviderKey):
                 log.error("%s: the provider refused our key (%s): the account pauses and its "
-                          "tasks wait; fix %s_API_KEY", account.name, exc.detail,
-                          account.provider.upper())
+                          "tasks wait; fix %s", account.name, exc.detail,
+                          f"{account.provider.upper()}_API_KEY" if account.name ==
+                          account.provider else "its key in ACCOUNTS_FILE")
             delay = self._back_off(account, exc)
             # benched first (every dispatcher skips it), then the task back in its place
             await svc.redis.hset(  # type: ignore[misc]  # also what /admin/accounts shows
