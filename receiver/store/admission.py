@@ -78,17 +78,17 @@ local function choose(tenant, route)
   if not possible then return 0 end
   return best
 end
-local function take(member, i)
+local function take(member, i, route)  -- and whether it was bound to its account ('1')
   redis.call('ZADD', KEYS[4 + 3 * (i - 1) + 1], now, member)
   redis.call('HINCRBY', KEYS[4 + 3 * (i - 1) + 2], string.match(member, '^(.*)/'), 1)
-  return {member, names[i]}
+  return {member, names[i], string.find(route, '\t.') and '1' or ''}
 end
 local legacy = redis.call('ZRANGE', KEYS[3], 0, 0)
 if #legacy > 0 then
   local i = choose(string.match(legacy[1], '^(.*)/'), '')
   if i then
     redis.call('ZREM', KEYS[3], legacy[1])
-    return take(legacy[1], i)
+    return take(legacy[1], i, '')
   end
 end
 local k = 0
@@ -103,9 +103,10 @@ while true do
   if #heads == 0 then
     redis.call('ZREM', KEYS[1], tenant)  -- its queue emptied by a cancel
   else
-    local member, i
+    local member, i, route
     for _, m in ipairs(heads) do
-      i = choose(tenant, redis.call('HGET', KEYS[4], m) or '')
+      route = redis.call('HGET', KEYS[4], m) or ''
+      i = choose(tenant, route)
       if i == 0 then return {m, ''} end  -- none ever could: left queued, the caller fails it
       if i then member = m; break end
     end
@@ -119,7 +120,7 @@ while true do
       else
         redis.call('ZREM', KEYS[1], tenant)
       end
-      return take(member, i)
+      return take(member, i, route)
     end
   end
 end
@@ -191,10 +192,12 @@ class Account(NamedTuple):
 class Taken(NamedTuple):
     """A task `acquire` took: the account whose slot it holds; or None if no account of the
     pool could ever take it (its parent's account is gone, no account serves its mode): it
-    is still queued, and the caller fails it, then `withdraw`s it."""
+    is still queued, and the caller fails it, then `withdraw`s it. ``bound``: it was
+    queued for that account only (an action, with its parent's account)."""
 
     member: Member
     account: str | None
+    bound: bool = False
 
 
 class Admission:
@@ -242,8 +245,8 @@ class Admission:
             args=[now_ms, keys.queue(pool, ""), self.tenant_cap, len(accounts), *account_args])
         if not taken:
             return None
-        member, account_name = (x.decode() for x in taken)
-        return Taken(Member.parse(member), account_name or None)
+        member, account_name, *bound = (x.decode() for x in taken)
+        return Taken(Member.parse(member), account_name or None, bound == ["1"])
 
     async def requeue(self, pool: str, account: str, member: Member,
                       affinity: str | None = None) -> None:

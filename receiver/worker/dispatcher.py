@@ -136,7 +136,8 @@ class Dispatcher:
             if taken.account is None:
                 await self._orphaned(pool, taken.member)
                 continue
-            job = asyncio.create_task(self._send(self.accounts[taken.account], taken.member))
+            job = asyncio.create_task(self._send(self.accounts[taken.account], taken.member,
+                                                 taken.bound))
             self._sending.add(job)
             job.add_done_callback(self._sending.discard)
 
@@ -151,7 +152,7 @@ class Dispatcher:
             "account only), or none serves its mode; never sent"))
         await self.svc.admission.withdraw(pool, member)
 
-    async def _send(self, account: ProviderAccount, member: Member) -> None:
+    async def _send(self, account: ProviderAccount, member: Member, bound: bool) -> None:
         svc, metrics = self.svc, self.svc.metrics
         pool, task_key = account.provider, svc.store.keys.task(member.tenant, member.job_id)
         try:
@@ -164,7 +165,8 @@ class Dispatcher:
                     await svc.admission.release(pool, account.name, member)
                 return
             request = SubmitRequest(**orjson.loads(request_json))
-            if request.parent_task_id and not await self._at_parents_account(account, member):
+            if request.parent_task_id and not bound and \
+                    not await self._at_parents_account(account, member):
                 return
             # which account sent it: its actions, polls, cancel and verification go there
             await svc.redis.hset(task_key, "a", account.name)  # type: ignore[misc]
@@ -195,9 +197,10 @@ class Dispatcher:
             log.exception("dispatching %s failed", member)
 
     async def _at_parents_account(self, account: ProviderAccount, member: Member) -> bool:
-        """An action queued before pools had no route: sent by any account, it would reach a
-        provider that does not know its parent. Back in the queue, bound to the parent's
-        account, unless that is this one."""
+        """An action taken without a route to its parent's account (queued before pools):
+        sent by any account, it would reach a provider that does not know its parent. Back
+        in the queue, bound to the parent's account, unless that is this one. (An action
+        taken bound to its account needs none of this: the script obeyed the route.)"""
         svc = self.svc
         snapshot = await svc.store.get(member.tenant, member.job_id)
         parent_id = orjson.loads(snapshot)["parent_id"] if snapshot else None

@@ -269,9 +269,11 @@ def test_an_action_goes_to_its_parents_account_or_fails_if_it_left_the_pool(
             await admission.withdraw("p", member(4, "z"))
             return [*first, *then, await admission.acquire("p", pool, 0)]
 
+    # the actions are taken bound to their account (the dispatcher need not check again)
     assert asyncio.run(scenario()) == [
-        Taken(member(1, "x"), "b"), Taken(member(2, "y"), "a"), None,
-        Taken(member(4, "z"), None), Taken(member(4, "z"), None), Taken(member(3, "x"), "b")]
+        Taken(member(1, "x"), "b", bound=True), Taken(member(2, "y"), "a"), None,
+        Taken(member(4, "z"), None), Taken(member(4, "z"), None),
+        Taken(member(3, "x"), "b", bound=True)]
     assert r.hlen(KEYS.routes("p")) == 1  # member 3's, until its slot is freed
 
 
