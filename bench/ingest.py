@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OURS_APP = "receiver.app:create_app"
 BARE_APP = "bench.bare:create_app"
 FLOOR_APP = "bench.bare:create_floor_app"
+WRITES_APP = "bench.bare:create_writes_app"
 HOST = "127.0.0.1"
 UVICORN_FLAGS = (
     "--no-access-log", "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
@@ -97,7 +98,7 @@ class WrkResult:
 
 @dataclass(frozen=True)
 class Run:
-    server: str  # "ours" | "ours-log" | "bare" | "floor" | "before"
+    server: str  # "ours" | "ours-log" | "bare" | "floor" | "writes" | "before"
     wrk: WrkResult
     sent: int  # requests in the cycled list
     stored: int | None = None  # transitions stored during the run (ours only)
@@ -374,8 +375,10 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
     off, on, log = (ratios(runs, "ours", "bare"), ratios(runs, "ours-log", "bare"),
                     ratios(runs, "ours-log", "ours"))
     floor, within = ratios(runs, "floor", "bare"), ratios(runs, "ours", "floor")
+    writes, logic = ratios(runs, "writes", "bare"), ratios(runs, "ours", "writes")
     names = {"ours": "receiver, access log off", "ours-log": "receiver, access log on",
-             "bare": "bare starlette", "floor": "bare + one Redis round trip"}
+             "bare": "bare starlette", "floor": "bare + one Redis round trip",
+             "writes": "bare + a transition's Redis calls"}
     rows = [
         "| round | server | req/s | p50 | p99 | requests | errors | stored | not stored "
         "| server CPU / req | redis CPU / req |",
@@ -393,8 +396,8 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
     def every(values: list[float]) -> str:
         return ", ".join(f"{v:.1%}" for v in values)
 
-    m_off, m_on, m_log, m_floor, m_within = (statistics.median(v)
-                                             for v in (off, on, log, floor, within))
+    m_off, m_on, m_log, m_floor, m_within, m_writes, m_logic = (
+        statistics.median(v) for v in (off, on, log, floor, within, writes, logic))
 
     def cpu(server: str, attribute: str) -> float:
         return float(statistics.median(getattr(r, attribute) for r in runs
@@ -407,7 +410,9 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
         "runs it with its access log off and on, against a bare Starlette endpoint that only "
         "reads the body (`bench/bare.py`) on uvicorn, and against that endpoint with the one "
         "Redis round trip any durable answer needs (the floor: it hands the body to Redis "
-        "through our auto-pipelined connection before it answers). The four take the same "
+        "through our auto-pipelined connection before it answers), and against the floor "
+        "making the Redis calls of one stored transition without its logic (the writes). "
+        "The five take the same "
         "wrk load in every round, the order rotating; each ratio is taken within a round, "
         "and the median of the rounds counts. `make bench` (`.venv/bin/python -m "
         "bench.ingest`) regenerates this section.",
@@ -421,8 +426,8 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
         "- servers: `receiver serve --no-worker [--no-access-log]` (its own HTTP protocol; "
         "the access log to a file), env REDIS_URL = a throwaway local redis-server without "
         "persistence; bare: `python -m uvicorn "
-        f"{BARE_APP} --factory {' '.join(UVICORN_FLAGS)}`; the floor: the same with "
-        f"`{FLOOR_APP}`",
+        f"{BARE_APP} --factory {' '.join(UVICORN_FLAGS)}`; the floor and the writes: the "
+        f"same with `{FLOOR_APP}`, `{WRITES_APP}`",
         f"- load: `wrk -t1 -c{args.connections} -d{args.duration:g}s --latency "
         f"-s bench/results/ingest/callbacks.lua http://127.0.0.1:P/ -- <requests>`, each "
         f"server warmed up for {args.warmup:g}s first",
@@ -443,10 +448,17 @@ def report(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: int,
         f"stores before it answers reaches here; every round: {every(floor)}",
         f"- **access log off / the floor: median {m_within:.1%}**, what our own work leaves "
         f"of it; every round: {every(within)}",
+        f"- **the writes / bare: median {m_writes:.1%}**: the floor making a stored "
+        f"transition's Redis calls (two XADDs, the task's read and write, the event id's, "
+        f"PUBLISH) with none of its logic; every round: {every(writes)}",
+        f"- **access log off / the writes: median {m_logic:.1%}**, what the rest of our "
+        f"work (token, dialect, the script's logic, quotas, indexes) leaves of it; every "
+        f"round: {every(logic)}",
         f"- CPU per request (medians; user + system from /proc, over each run): receiver "
         f"{cpu('ours', 'server_us'):.0f} us in its process + {cpu('ours', 'redis_us'):.0f} us "
         f"in redis-server; the floor {cpu('floor', 'server_us'):.0f} us + "
-        f"{cpu('floor', 'redis_us'):.0f} us; bare {cpu('bare', 'server_us'):.0f} us: "
+        f"{cpu('floor', 'redis_us'):.0f} us; the writes {cpu('writes', 'server_us'):.0f} us + "
+        f"{cpu('writes', 'redis_us'):.0f} us; bare {cpu('bare', 'server_us'):.0f} us: "
         "bare over ours "
         f"**{cpu('bare', 'server_us') / (cpu('ours', 'server_us') + cpu('ours', 'redis_us')):.1%}"
         "**, what the rate ratio tends to where CPU is the limit. Unlike the rates, this does "
@@ -469,12 +481,15 @@ def report_against(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: 
     """Our path now against ``--against``: every run, and the ratio of the medians."""
     rates = {side: [r.wrk.rate for r in runs if r.server == side] for side in ("ours", "before")}
     now, before = statistics.median(rates["ours"]), statistics.median(rates["before"])
-    rows = ["| run | side | req/s | p50 | p99 | errors |",
-            "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    cpu = {side: (statistics.median([r.server_us for r in runs if r.server == side]),
+                  statistics.median([r.redis_us for r in runs if r.server == side]))
+           for side in ("ours", "before")}
+    rows = ["| run | side | req/s | p50 | p99 | errors | server CPU / req | redis CPU / req |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n, run in enumerate(runs, 1):
         rows.append(f"| {n} | {'now' if run.server == 'ours' else args.against} | "
                     f"{run.wrk.rate:,.0f} | {run.wrk.p50_ms:.2f} ms | {run.wrk.p99_ms:.2f} ms | "
-                    f"{run.wrk.errors} |")
+                    f"{run.wrk.errors} | {run.server_us:.0f} us | {run.redis_us:.0f} us |")
     return "\n".join([
         "## bench/ingest: before and after",
         "",
@@ -494,6 +509,10 @@ def report_against(runs: Sequence[Run], args: argparse.Namespace, jobs_per_run: 
         f"**median now / before = {now / before:.1%}** ({now:,.0f} vs {before:,.0f} req/s; "
         f"now: {', '.join(f'{x:,.0f}' for x in rates['ours'])}; before: "
         f"{', '.join(f'{x:,.0f}' for x in rates['before'])}).",
+        f"CPU per request (medians): now {cpu['ours'][0]:.0f} us in its process + "
+        f"{cpu['ours'][1]:.0f} us in redis-server; before {cpu['before'][0]:.0f} + "
+        f"{cpu['before'][1]:.0f} us (the two sides share one redis-server, whose CPU is "
+        "counted during each side's runs).",
         "",
     ])
 
@@ -619,14 +638,17 @@ def main(argv: list[str] | None = None) -> int:
                         receiver_server({**env, "PYTHONPATH": str(before_dir)},
                                         tmp / "before.log", cwd=before_dir) as before:
                     runs, jobs_per_run, window = measure(
-                        args, {"ours": ours, "before": before}, client, tmp, script, out_dir)
+                        args, {"ours": ours, "before": before}, client, tmp, script, out_dir,
+                        redis_pid=store.process.pid if store.process else 0)
             else:  # ours as `receiver serve` runs it, access log off and on; bare on uvicorn
                 with receiver_server(env, tmp / "ours.log") as ours, \
                         receiver_server(env, tmp / "ours-log.log", access_log=True) as logged, \
                         uvicorn_server(BARE_APP, env, tmp / "bare.log") as bare, \
-                        uvicorn_server(FLOOR_APP, env, tmp / "floor.log") as floor:
+                        uvicorn_server(FLOOR_APP, env, tmp / "floor.log") as floor, \
+                        uvicorn_server(WRITES_APP, env, tmp / "writes.log") as writes:
                     runs, jobs_per_run, window = measure(
-                        args, {"ours": ours, "ours-log": logged, "bare": bare, "floor": floor},
+                        args, {"ours": ours, "ours-log": logged, "bare": bare, "floor": floor,
+                               "writes": writes},
                         client, tmp,
                         script, out_dir, redis_pid=store.process.pid if store.process else 0)
         finally:

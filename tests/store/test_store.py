@@ -299,6 +299,54 @@ def test_quotas_count_the_last_task_ttl(redis_server: RedisServer, r: redis.Redi
         "stored", "stored", "storage_quota"]
 
 
+def test_quota_counts_exactly_with_a_clock_behind_and_buckets_leaving(
+        redis_server: RedisServer) -> None:
+    """The quota hash after creates and a callback, one from a process whose clock is a
+    bucket behind (the window's bucket N stays), then a bucket that moves the window past
+    them: every counter is what the script wrote, by bucket and in total."""
+    now = [100]
+
+    def clocked() -> CallbackClaims:  # a tenant of its own: no other test's counts
+        return CallbackClaims(new_job_id(), "clocked", "mjproxy")
+
+    class Clocked(Store):
+        def _bucket(self) -> int:
+            return now[0]
+
+    async def body(_: TaskStore) -> list[dict[bytes, bytes]]:
+        client = Redis.from_url(redis_server.url)
+        store = Clocked(client, ScriptBatcher(redis_server.url, TRANSITION),
+                        base_settings(redis_server.url, tenant_max_tasks=10,
+                                      tenant_max_bytes=10**9))
+        quota = KEYS.quota("clocked")
+        seen = []
+        try:
+            first = clocked()
+            await store.create(first)
+            await store.apply(first, Update(TaskStatus.IN_PROGRESS, raw=b"x" * 500,
+                                            progress=10), enforce=True)
+            seen.append(await client.hgetall(quota))
+            now[0] = 99  # another process, its clock a bucket behind
+            await store.create(clocked())
+            seen.append(await client.hgetall(quota))
+            now[0] = 108  # 99 and 100 left the window
+            await store.create(clocked())
+            seen.append(await client.hgetall(quota))
+        finally:
+            await store.close()
+            await client.aclose()
+        return seen
+
+    at_100, behind, moved = run(redis_server, body)
+    assert at_100[b"N"] == b"100" and at_100[b"T"] == at_100[b"t100"] == b"1"
+    assert at_100[b"B"] == at_100[b"b100"] and int(at_100[b"B"]) > 500
+    assert behind[b"N"] == b"100" and behind[b"T"] == b"2" and behind[b"t99"] == b"1"
+    assert int(behind[b"B"]) == int(behind[b"b100"]) + int(behind[b"b99"])
+    assert moved.keys() == {b"N", b"T", b"B", b"t108", b"b108"}
+    assert moved[b"N"] == b"108" and moved[b"T"] == moved[b"t108"] == b"1"
+    assert moved[b"B"] == moved[b"b108"]
+
+
 def test_transition_luas_table_names_keys_and_argv_as_store_builds_them() -> None:
     """The table at the head of transition.lua is the order `store` sends things in."""
     head = (files("receiver.store") / "transition.lua").read_text()
