@@ -11,9 +11,8 @@ inferred) starts a new stream, and is compacted in turn. Readers take both parts
 
 What each step bought, for a trueai-shaped task of eleven callbacks (bench/footprint, Redis
 per finished task): as streams, 22.5 KiB; every entry but the last compacted, 7.94 KiB; all
-of them, and the stream deleted, 4.09 KiB. The blob: 17,880 bytes of entries in 1,344
-(zlib level 9, 77 us once per task; level 6: 1,383 bytes in 52 us; level 1: 1,581 in 31 us);
-reading it back takes 30 us.
+of them, and the stream deleted, 4.09 KiB (at zlib level 9; at `LEVEL` 3, 4.36 KiB). The
+blob: 16.8 KB of entries in 1,494 bytes; reading it back takes 30 us.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from redis.exceptions import RedisError
 
 from receiver.core.constants import Keys
 from receiver.core.models import event_key
+from receiver.store.batcher import ClusterBatcher, ScriptBatcher
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,13 @@ if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
 return 'compacted'
 """
 _LENGTH = struct.Struct(">I")
-LEVEL = 9  # once per task: 3% smaller than level 6 for 25 us more (the figures above)
+# Once per task, on a trueai-shaped history of 16.8 KB (timeit, one run): level 3 packs it in
+# 40 us to 1,494 bytes; level 6, 99 us to 1,375; level 9, 147 us to 1,338. At 9 it cost the
+# ingest process 9 us per callback for 156 bytes a task.
+LEVEL = 3
+# A history up to this many bytes is packed on the event loop (typical: 17 KB, 40 us);
+# handing it to a thread and back cost the process more than zlib itself.
+INLINE_PACK = 32 * 1024
 # A history of more than this many bytes stays a stream: a blob is unpacked whole on a read
 # (GET /tasks/{id}/history, a resume), and a tenant's 100 steps of 256 KiB bodies would make
 # that 0.1 s of a web process's loop (0.8 s to pack). Typical: 18 KB.
@@ -137,9 +143,12 @@ class HistoryCompactor:
     process stopped) leaves the history whole and only bigger; the next final transition of
     the task compacts it again."""
 
-    def __init__(self, redis: Redis, keys: Keys, concurrency: int = 4) -> None:
-        self.redis, self.keys = redis, keys
-        self.script = redis.register_script(COMPACT)
+    def __init__(self, batcher: ScriptBatcher | ClusterBatcher, keys: Keys,
+                 concurrency: int = 4) -> None:
+        # The transition's own connection (hiredis, auto-pipelined): through redis-py's
+        # pool, the read and the script cost the ingest process 32 us per callback of the
+        # 163 (bench.ingest --against a commit that did not compact, CPU per request).
+        self.batcher, self.keys = batcher, keys
         self.slots = asyncio.Semaphore(concurrency)
         self.pending: set[asyncio.Task[Any]] = set()
 
@@ -162,20 +171,24 @@ class HistoryCompactor:
     async def compact(self, tenant: str, job_id: str) -> str:
         """Moves the history's entries into the blob: ``compacted``, or why not
         (``short``: nothing to move, ``large``: over `MAX_COMPACTED`, ``gone``, ``raced``)."""
-        task, history = self.keys.task(tenant, job_id), self.keys.history(tenant, job_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(task, ["h", "hl"])
-        pipe.xrange(history)
-        (blob, held), moved = await pipe.execute()
+        task = self.keys.task(tenant, job_id).encode()
+        history = self.keys.history(tenant, job_id).encode()
+        blob, held = await self.batcher.keyed(task, b"HMGET", task, b"h", b"hl")
+        moved = [(entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+                 for entry_id, fields in await self.batcher.keyed(
+                     history, b"XRANGE", history, b"-", b"+")]
         if not moved:
             return "short"
         size = sum(len(v) for _, fields in moved for v in fields.values())
         if size + (len(blob) * 20 if blob else 0) > MAX_COMPACTED:
             return "large"  # kept as a stream: whole, and nothing big to unpack on a read
-        # zlib off the event loop: other requests go on meanwhile
-        packed = await asyncio.to_thread(pack, [*(unpack(blob) if blob else []), *moved])
-        outcome = await self.script(keys=[task, history], args=[
-            packed, moved[-1][0], held or b"", _after(moved[-1][0])])
+        entries = [*(unpack(blob) if blob else []), *moved]
+        if size <= INLINE_PACK:
+            packed = pack(entries)
+        else:  # zlib off the event loop: other requests go on meanwhile
+            packed = await asyncio.to_thread(pack, entries)
+        outcome = await self.batcher.keyed(task, b"EVAL", COMPACT, 2, task, history, packed,
+                                           moved[-1][0], held or b"", _after(moved[-1][0]))
         return str(outcome.decode() if isinstance(outcome, bytes) else outcome)
 
     async def close(self) -> None:

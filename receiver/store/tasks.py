@@ -193,7 +193,7 @@ class TaskStore:
         self.batcher = batcher  # the transition script
         self.keys = Keys(settings.redis_prefix)
         self.settings = settings
-        self.history = HistoryCompactor(redis, self.keys)  # a final state's history shrinks
+        self.history = HistoryCompactor(batcher, self.keys)  # a final state's history shrinks
         self._limits = [
             str(settings.tenant_stream_maxlen).encode(),
             str(settings.task_history_maxlen).encode(),

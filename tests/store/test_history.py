@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 import orjson
+import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,8 +17,8 @@ from hypothesis import strategies as st
 from bench.ingest import callbacks
 from receiver.cli.redis_server import RedisServer
 from receiver.core.models import TaskStatus, Update
-from receiver.store import Admission, Member, TaskStore
-from receiver.store.history import merge, pack, read, unpack
+from receiver.store import Admission, Member, TaskStore, history
+from receiver.store.history import Entry, merge, pack, read, unpack
 from receiver.store.tasks import redact_tokens
 from tests.conftest import KEYS, LiveServer, mint
 from tests.store.test_store import claims, run
@@ -131,6 +133,36 @@ def test_a_history_too_big_to_unpack_cheaply_stays_a_stream(
     client = redis.Redis.from_url(redis_server.url)
     assert client.xlen(KEYS.history("acme", c.job_id)) == 4  # whole, readable as it was
     assert client.hget(KEYS.task("acme", c.job_id), "h") is None
+
+
+def test_a_history_over_the_inline_size_is_packed_in_a_thread_and_reads_back(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A history past INLINE_PACK (here about 60 KB) is packed off the loop, in a thread; it
+    reads back as it was stored."""
+    c = claims()
+    raws = [b'{"pad":"%s"}' % (b"%d" % n * 12_000) for n in range(1, 6)]  # 12 KB each
+    threads: list[str] = []
+    real = asyncio.to_thread
+
+    async def spied(fn: Any, *args: Any) -> Any:
+        threads.append(fn.__name__)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(history.asyncio, "to_thread", spied)
+
+    async def body(store: TaskStore) -> tuple[list[Entry], list[Entry]]:
+        for n, raw in enumerate(raws[:-1]):
+            await store.apply(c, Update(TaskStatus.IN_PROGRESS, 10 * (n + 1), "p7", raw=raw))
+        await store.apply(c, Update(TaskStatus.SUCCESS, 100, "p7", raw=raws[-1]))
+        before = await read(store.redis, store.keys, c.tenant, c.job_id)
+        await settled(store)  # compacted in the background
+        return before, await read(store.redis, store.keys, c.tenant, c.job_id)
+
+    before, after = run(redis_server, body)
+    assert threads == ["pack"]
+    assert sum(len(v) for _, f in after for v in f.values()) > history.INLINE_PACK
+    assert after == before and [f[b"raw"] for _, f in after] == raws
+    assert not redis.Redis.from_url(redis_server.url).exists(KEYS.history("acme", c.job_id))
 
 
 def test_a_compaction_lost_with_its_process_is_done_when_the_slot_is_freed(
