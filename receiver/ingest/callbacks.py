@@ -110,7 +110,7 @@ async def _receive(svc: Services, provider: str, query_string: bytes,
         assert update.provider_task_id is not None
         await svc.claims.claim(claims, update.provider_task_id)
         outcome = await svc.store.apply(claims, update, claimed=True, enforce=True)
-    svc.metrics.transition_seconds.observe(perf_counter() - started)
+    svc.metrics.transition(perf_counter() - started)
     if outcome.result == "conflict":
         raise WrongJob("this token's job is bound to another provider task")
     return 200, b'{"result":"%s","job_id":"%s","version":%s}' % (

@@ -40,6 +40,12 @@ def test_metrics_count_callbacks_submissions_polls_and_slots(stack: Stack) -> No
     assert value("receiver_callbacks_total", provider="unknown",
                  outcome="unknown_provider") == 1
     assert value("receiver_transition_seconds_count") == 2
+    # the buckets count up to every transition, and the sum is of real durations
+    buckets = sorted((float(dict(labels)["le"]), n) for (name, labels), n in seen.items()
+                     if name == "receiver_transition_seconds_bucket")
+    assert len(buckets) == 13 and buckets[-1] == (float("inf"), 2)
+    assert [n for _, n in buckets] == sorted(n for _, n in buckets)
+    assert 0 < value("receiver_transition_seconds_sum") < 10
     assert value("receiver_submissions_total", provider="aigc2d", result="accepted") == 1
     assert value("receiver_reconciler_polls_total", provider="aigc2d", result="stored") >= 1
     assert value("receiver_admission_slots_limit", account="aigc2d") == 2
