@@ -183,7 +183,7 @@ class HistoryCompactor:
         if size + (len(blob) * 20 if blob else 0) > MAX_COMPACTED:
             return "large"  # kept as a stream: whole, and nothing big to unpack on a read
         entries = [*(unpack(blob) if blob else []), *moved]
-        if size <= INLINE_PACK:
+        if blob is None and size <= INLINE_PACK:  # (a blob's entries are packed again too)
             packed = pack(entries)
         else:  # zlib off the event loop: other requests go on meanwhile
             packed = await asyncio.to_thread(pack, entries)

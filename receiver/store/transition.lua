@@ -146,7 +146,7 @@ if last then
   local lms = sub(last, 1, dash - 1) + 0
   if ms <= lms then ms, seq = lms, sub(last, dash + 1) + 1 end
 end
-local id = ms .. '-' .. seq
+local id = string.format('%d-%d', ms, seq)  -- (`..` would print 1e+14 past 14 digits)
 local data = render(vals, kind, id)
 
 -- A create's price (its control field b), reserved below; within the tenant's budget
@@ -182,27 +182,31 @@ if ARGV[19] ~= '0' then
       tasks = tasks - (tonumber(gone[1]) or 0); bytes = bytes - (tonumber(gone[2]) or 0)
       call('HDEL', quota, 't' .. b, 'b' .. b)
     end
-    call('EXPIRE', quota, ARGV[22])
   end
   local written = #ARGV[6] + 3 * #data
   for i = 26, #ARGV do written = written + #ARGV[i] end
   local max_tasks, max_bytes = ARGV[20] + 0, ARGV[21] + 0
   local refused = (not exists and max_tasks > 0 and tasks >= max_tasks and 'tasks')
     or (max_bytes > 0 and bytes + written > max_bytes and 'bytes')
+  local in_bucket = (tonumber(q[5]) or 0) + written
   if refused then
     if rolled then call('HSET', quota, 'N', bucket, 'T', tasks, 'B', bytes) end
-    return {'quota', refused}
-  end
-  local in_bucket, new = (tonumber(q[5]) or 0) + written, exists and 0 or 1
-  if rolled then
-    call('HSET', quota, 'N', bucket, 'T', tasks + new, 'B', bytes + written,
-      tn, (tonumber(q[4]) or 0) + new, bn, in_bucket)
-  elseif exists then
-    call('HSET', quota, 'B', bytes + written, bn, in_bucket)
+  elseif exists then  -- (a bucket's task count is written by a create only)
+    if rolled then
+      call('HSET', quota, 'N', bucket, 'T', tasks, 'B', bytes + written, bn, in_bucket)
+    else
+      call('HSET', quota, 'B', bytes + written, bn, in_bucket)
+    end
+  elseif rolled then
+    call('HSET', quota, 'N', bucket, 'T', tasks + 1, 'B', bytes + written,
+      tn, (tonumber(q[4]) or 0) + 1, bn, in_bucket)
   else
     call('HSET', quota, 'T', tasks + 1, 'B', bytes + written, tn, (tonumber(q[4]) or 0) + 1,
       bn, in_bucket)
   end
+  -- the window's hash goes when its last bucket would (set once the hash exists)
+  if rolled then call('EXPIRE', quota, ARGV[22]) end
+  if refused then return {'quota', refused} end
 end
 
 -- The XADDs go first: they are the only writes that could refuse, and a script that fails

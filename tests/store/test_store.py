@@ -329,15 +329,21 @@ def test_quota_counts_exactly_with_a_clock_behind_and_buckets_leaving(
             now[0] = 99  # another process, its clock a bucket behind
             await store.create(clocked())
             seen.append(await client.hgetall(quota))
+            assert 0 < await client.ttl(quota) <= 8 * store._bucket_seconds
             now[0] = 108  # 99 and 100 left the window
             await store.create(clocked())
             seen.append(await client.hgetall(quota))
+            now[0] = 109  # a callback, not a create: no task counted in bucket 109
+            await store.apply(first, Update(TaskStatus.IN_PROGRESS, raw=b"x", progress=20),
+                              enforce=True)
+            seen.append(await client.hgetall(quota))
+            assert await client.ttl(quota) > 0
         finally:
             await store.close()
             await client.aclose()
         return seen
 
-    at_100, behind, moved = run(redis_server, body)
+    at_100, behind, moved, callback = run(redis_server, body)
     assert at_100[b"N"] == b"100" and at_100[b"T"] == at_100[b"t100"] == b"1"
     assert at_100[b"B"] == at_100[b"b100"] and int(at_100[b"B"]) > 500
     assert behind[b"N"] == b"100" and behind[b"T"] == b"2" and behind[b"t99"] == b"1"
@@ -345,6 +351,9 @@ def test_quota_counts_exactly_with_a_clock_behind_and_buckets_leaving(
     assert moved.keys() == {b"N", b"T", b"B", b"t108", b"b108"}
     assert moved[b"N"] == b"108" and moved[b"T"] == moved[b"t108"] == b"1"
     assert moved[b"B"] == moved[b"b108"]
+    assert callback.keys() == {b"N", b"T", b"B", b"t108", b"b108", b"b109"}
+    assert callback[b"N"] == b"109" and callback[b"T"] == b"1"
+    assert int(callback[b"B"]) == int(callback[b"b108"]) + int(callback[b"b109"])
 
 
 def test_transition_luas_table_names_keys_and_argv_as_store_builds_them() -> None:
