@@ -51,7 +51,6 @@ def create_floor_app() -> Starlette:
     return Starlette(routes=[Route("/callbacks/{provider}", stored, methods=["POST"])])
 
 
-
 # --- the writes floor: the floor, with the Redis writes of one stored transition ---
 
 _WRITES = """

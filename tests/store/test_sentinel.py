@@ -42,6 +42,13 @@ def sentinel_setup(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, i
             assert time.monotonic() < deadline, "the sentinel did not come up"
             time.sleep(0.1)
         client.close()
+        # ...and the replica has its first copy: the master waits 5 s (repl-diskless-sync-
+        # delay) before sending it, which the test's WAIT after one write could outlast
+        follower = redis.Redis(port=replica.port)
+        while follower.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline + 20, "the replica did not sync"
+            time.sleep(0.1)
+        follower.close()
         yield master, replica, port
     finally:
         sentinel.terminate()
