@@ -6,7 +6,9 @@ Ours runs as ``receiver serve`` runs it, with its access log off and on; the bar
 order rotating, so each ratio is measured side by side; the median of the rounds counts.
 ours/bare is the share of one worker's HTTP capacity that survives our token check, dialect
 parsing and the Redis transition script (goal: >= 50% with the access log off, >= 45% on),
-and on/off what the access log costs (goal: >= 90%).
+and on/off what the access log costs (goal: >= 90%). Two more sides say where the gap is:
+the floor (bare plus one Redis round trip) and the writes (bare plus a script making a
+stored transition's Redis calls, none of its logic).
 
 The load is realistic midjourney-proxy traffic: per job, IN_PROGRESS at 1%..99% in ten steps
 then SUCCESS with buttons, many jobs interleaved, each callback a stored transition (each
