@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 import redis
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from starlette.datastructures import Secret
 
 from receiver.simulator import SimulatorConfig
@@ -147,6 +147,30 @@ def test_novicezk_grids_get_the_same_buttons(stack: Stack, page: Page) -> None:
     expect(child).to_have_attribute("data-status", "SUCCESS", timeout=15_000)
     expect(child.get_by_role("button", name="U4", exact=True)).to_be_visible()
     assert sim_stats(simulator)["by_route"]["mjproxy"].get("change") == 1
+
+
+def test_a_prompt_typed_while_the_last_one_is_sent_stays(stack: Stack, page: Page) -> None:
+    # The restart test below typed its second prompt while the first was on its way, and
+    # the first's answer cleared it: one task, not two (it failed 1 run in 15).
+    receiver, _ = stack(sim=SLOW)
+    sign_in(page, receiver)
+    held: list[Route] = []
+    page.route("**/tasks", lambda route: held.append(route) if route.request.method == "POST"
+               else route.continue_())
+    page.get_by_label("Prompt").fill("first fox")
+    page.get_by_role("button", name="Submit").click()
+    while not held:  # the first POST /tasks, held in the browser
+        page.wait_for_timeout(10)
+    page.get_by_label("Prompt").fill("second fox")
+    held.pop().continue_()
+    expect(page.locator("li.task")).to_have_count(1, timeout=10_000)
+    expect(page.get_by_role("button", name="Submit")).to_be_enabled()
+    expect(page.get_by_label("Prompt")).to_have_value("second fox")
+    page.unroute("**/tasks")
+    page.get_by_role("button", name="Submit").click()
+    expect(page.locator("li.task")).to_have_count(2, timeout=10_000)
+    expect(page.locator(".prompt").first).to_contain_text("second fox")
+    expect(page.get_by_label("Prompt")).to_have_value("")  # what was sent is cleared
 
 
 def test_a_restart_mid_task_loses_and_doubles_no_row(stack: Stack, page: Page) -> None:

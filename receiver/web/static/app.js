@@ -326,12 +326,15 @@ $("provider").addEventListener("change", fillModes);
 
 $("submit-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const body = { prompt: $("prompt").value.trim(), provider: $("provider").value || undefined };
+  const typed = $("prompt").value;
+  const body = { prompt: typed.trim(), provider: $("provider").value || undefined };
   if ($("mode").value) body.mode = $("mode").value;
   $("submit-button").disabled = true;
   try {
     upsert(await api("/tasks", { method: "POST", body }));
-    $("prompt").value = "";
+    // cleared only if it still holds what was sent: the next prompt, typed while this one
+    // was on its way, stays
+    if ($("prompt").value === typed) $("prompt").value = "";
     hideMessage();
   } catch (error) {
     showMessage(error.message);
