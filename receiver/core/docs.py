@@ -69,6 +69,13 @@ QUOTA = {507: error("storage_quota: the tenant wrote TENANT_MAX_BYTES in the las
 TASK_QUOTA = ("task_quota: the tenant created TENANT_MAX_TASKS tasks in the last TASK_TTL "
               "(Retry-After: when the oldest of them leave the count)")
 CLAIMED = "provider_task_claimed: another task holds that provider task id"
+# What the HTTP protocol answers before any route (`receiver.server.guard`), so any
+# operation may get it; `receiver.web.openapi` adds it to each (the connection then closes).
+PROTOCOL_ERRORS = {
+    400: "invalid_http: not a request HTTP/1.1 can parse",
+    408: "head_timeout: the request line and headers did not arrive within HEAD_TIMEOUT",
+    431: "head_too_large: the request line and headers are over MAX_HEAD_BYTES",
+}
 BODY_ERRORS = {
     400: error("bad_request: the body is not a JSON object, or a field is not valid"),
     408: error("body_timeout: the body did not arrive in time"),

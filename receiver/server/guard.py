@@ -41,7 +41,7 @@ _IDLE, _HEAD, _BODY = 0, 1, 2
 # (with a warning), not a broken one.
 _METHODS = ("connection_made", "connection_lost", "data_received", "on_message_begin",
             "on_headers_complete", "on_message_complete", "handle_websocket_upgrade",
-            "_start_asgi_task", "on_response_complete")
+            "_start_asgi_task", "on_response_complete", "send_400_response")
 _INIT = ("config", "server_state", "app_state", "_loop")
 _SET_IN_INIT = {
     HttpToolsProtocol: ("loop", "transport", "flow", "pipeline", "cycle", "server_state",
@@ -194,6 +194,11 @@ class GuardedProtocol(HttpToolsProtocol):
             self.tasks.add(task)
         else:
             super()._start_asgi_task(cycle, app)
+
+    def send_400_response(self, msg: str) -> None:
+        """httptools could not parse the request (uvicorn's answer is plain text): the
+        app's error format, as every other refusal here."""
+        self._refuse(400, "invalid_http", msg)
 
     def handle_websocket_upgrade(self) -> None:
         self.refused = True  # the connection is the WebSocket protocol's now

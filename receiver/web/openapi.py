@@ -7,6 +7,7 @@ key): each status code, content type, header and body the service answers with i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from receiver import __version__
-from receiver.core.docs import RETRY_AFTER, Answer, Operation, error, ok
+from receiver.core.docs import PROTOCOL_ERRORS, RETRY_AFTER, Answer, Operation, error, ok
 from receiver.core.schema import Model, ref
 from receiver.ingest.docs import OPERATIONS as INGEST
 from receiver.live.docs import OPERATIONS as LIVE
@@ -112,8 +113,13 @@ def _operation(op: Operation) -> dict[str, Any]:
     if op.body is not None:
         out["requestBody"] = {"required": op.body_required, "content": {
             "application/json": {"schema": _schema(op.body)}}}
+    responses = dict(op.responses)
+    for status, what in PROTOCOL_ERRORS.items():  # before any route: every operation's
+        known = responses.get(status)
+        responses[status] = error(what) if known is None else replace(
+            known, description=f"{known.description}; {what}")
     out["responses"] = {str(status): _answer(answer)
-                        for status, answer in sorted(op.responses.items())}
+                        for status, answer in sorted(responses.items())}
     return out
 
 

@@ -184,6 +184,22 @@ def test_a_megabyte_header_line_gets_431_and_the_server_goes_on(
     healthy(server.url)
 
 
+@pytest.mark.parametrize("head", [
+    b"GET /usage HTTP/1.1\r\nHost: x\r\ncontent-length: \r\n\r\n",  # (Schemathesis sent it)
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n",
+])
+def test_a_request_http_cannot_parse_gets_a_json_400(make_server: ServerFactory,
+                                                     head: bytes) -> None:
+    # uvicorn answered it in plain text, which no operation documented
+    server = make_server()
+    sock = connect(server.port)
+    sock.sendall(head)
+    assert refused(read_to_end(sock), b"400", "invalid_http") == "Invalid HTTP request received."
+    healthy(server.url)
+    documented = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert "invalid_http" in documented["/usage"]["get"]["responses"]["400"]["description"]
+
+
 def head_of(size: int, target: bytes = b"/healthz") -> bytes:
     start, end = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"\r\n\r\n"
     return start + b"p" * (size - len(start) - len(end)) + end
